@@ -1,0 +1,150 @@
+"""The text form of a GuidanceConfig, written into image parameters and pasted back.
+
+    add "smiling, smile" scale=5 threshold=0.9 warmup=10 weight=1; remove "glasses" scale=3
+    threshold=0.95 warmup=5 cooldown=30 weight=1; momentum=0.1 beta=0.4
+
+One clause per concept, in order, then the momentum clause. Prompts are JSON string literals,
+so any text (commas, quotes, colons, brackets, newlines, unicode) comes back exactly; no line
+break is ever written raw, since image parameters are read line by line. Every setting is
+written out, so a pasted config never depends on what the defaults were when it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Dict, List, Tuple, Union
+
+from .config import Concept, GuidanceConfig
+
+_DIRECTIONS = {"add": False, "remove": True}
+_CONCEPT_KEYS = ("scale", "threshold", "warmup", "cooldown", "weight")
+_MOMENTUM_KEYS = {"momentum": "momentum_scale", "beta": "momentum_beta"}
+_INTEGER_KEYS = ("warmup", "cooldown")
+# Characters str.splitlines() breaks at that json.dumps(ensure_ascii=False) leaves raw.
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_WORD = re.compile(r'[^\s;"]+')
+
+
+def _number(value: Union[int, float]) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
+        return str(int(value))
+    return repr(value)  # the shortest text that parses back to the same float
+
+
+def _quote(prompt: str) -> str:
+    text = json.dumps(prompt, ensure_ascii=False)
+    for char, escape in _LINE_BREAKS.items():
+        text = text.replace(char, escape)
+    return text
+
+
+def to_text(config: GuidanceConfig) -> str:
+    clauses = []
+    for c in config.concepts:
+        settings = [f"{key}={_number(getattr(c, key))}" for key in _CONCEPT_KEYS
+                    if getattr(c, key) is not None]
+        direction = "remove" if c.reverse else "add"
+        clauses.append(" ".join([direction, _quote(c.prompt)] + settings))
+    clauses.append(f"momentum={_number(config.momentum_scale)} "
+                   f"beta={_number(config.momentum_beta)}")
+    return "; ".join(clauses)
+
+
+def _tokens(text: str) -> List[Tuple[str, object, int]]:
+    """(kind, value, position) with kind 'string' (a decoded prompt), ';' or 'word'."""
+    decoder = json.JSONDecoder()
+    tokens, pos = [], 0
+    while pos < len(text):
+        char = text[pos]
+        if char.isspace():
+            pos += 1
+        elif char == ";":
+            tokens.append((";", ";", pos))
+            pos += 1
+        elif char == '"':
+            try:
+                value, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"bad quoted prompt at position {pos}: {error.msg}") from None
+            tokens.append(("string", value, pos))
+            pos = end
+        else:
+            word = _WORD.match(text, pos).group()
+            tokens.append(("word", word, pos))
+            pos += len(word)
+    return tokens
+
+
+def _settings(words: List[Tuple[str, object, int]], allowed) -> Dict[str, str]:
+    found: Dict[str, str] = {}
+    for kind, word, pos in words:
+        key, sep, value = str(word).partition("=")
+        if kind != "word" or not sep or key not in allowed:
+            raise ValueError(f"unexpected {word!r} at position {pos}; expected one of "
+                             + ", ".join(f"{k}=<number>" for k in allowed))
+        if key in found:
+            raise ValueError(f"{key} is given twice (position {pos})")
+        found[key] = value
+    return found
+
+
+def _parse_number(key: str, value: str) -> Union[int, float]:
+    try:
+        return int(value) if key in _INTEGER_KEYS else float(value)
+    except ValueError:
+        kind = "an integer" if key in _INTEGER_KEYS else "a number"
+        raise ValueError(f"{key} must be {kind}, got {value!r}") from None
+
+
+def _concept(index: int, clause) -> Concept:
+    (_, direction, pos), prompt_token = clause[0], clause[1:2]
+    if not prompt_token or prompt_token[0][0] != "string":
+        raise ValueError(f"concept {index}: expected a quoted prompt after {direction!r} "
+                         f"(position {pos})")
+    prompt = prompt_token[0][1]
+    try:
+        settings = _settings(clause[2:], _CONCEPT_KEYS)
+        missing = [k for k in _CONCEPT_KEYS if k not in settings and k != "cooldown"]
+        if missing:
+            raise ValueError(f"{missing[0]} is missing")
+        values = {k: _parse_number(k, v) for k, v in settings.items()}
+        return Concept(prompt=prompt, reverse=_DIRECTIONS[direction], **values)
+    except ValueError as error:
+        raise ValueError(f"concept {index} ({prompt!r}): {error}") from None
+
+
+def from_text(text: str) -> GuidanceConfig:
+    """Parses to_text's output. Anything else raises a ValueError that says what is wrong."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string, got {type(text).__name__}")
+    try:
+        clauses: List[list] = [[]]
+        for token in _tokens(text):
+            if token[0] == ";":
+                clauses.append([])
+            else:
+                clauses[-1].append(token)
+        *concept_clauses, momentum_clause = clauses
+        concepts = []
+        for index, clause in enumerate(concept_clauses):
+            if not clause or clause[0][0] != "word" or clause[0][1] not in _DIRECTIONS:
+                pos = clause[0][2] if clause else "?"
+                raise ValueError(f"clause {index + 1} (position {pos}) must start with "
+                                 "'add' or 'remove' and a quoted prompt")
+            concepts.append(_concept(index, clause))
+        if not text.strip():
+            raise ValueError("the text is empty")
+        if momentum_clause and momentum_clause[0][1] in _DIRECTIONS:
+            raise ValueError("the text ends without its 'momentum=<number> beta=<number>' clause")
+        settings = _settings(momentum_clause, _MOMENTUM_KEYS)
+        if len(settings) != len(_MOMENTUM_KEYS):
+            raise ValueError("the last clause must be 'momentum=<number> beta=<number>'")
+        momentum = {_MOMENTUM_KEYS[k]: _parse_number(k, v) for k, v in settings.items()}
+        return GuidanceConfig(concepts=concepts, **momentum)
+    except ValueError as error:
+        raise ValueError(f"Latent Diffusion Guidance settings {_shorten(text)}: {error}") from None
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
