@@ -34,23 +34,42 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _as_float(value: Any) -> Optional[float]:
+    """The value as a finite float, or None (not a number, NaN, infinite, or too large)."""
+    if not _is_real(value):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _finite(name: str, value: Any) -> float:
-    if not _is_real(value) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number, got {_describe(value)}")
-    return float(value)
+    number = _as_float(value)
+    if number is None:
+        raise ValueError(f"{name} must be a finite number, got {_describe_short(value)}")
+    return number
 
 
 def _in_unit_interval(name: str, value: Any) -> float:
-    if not _is_real(value) or not 0.0 <= float(value) <= 1.0:  # NaN fails the comparison too
-        raise ValueError(f"{name} must be a number in [0, 1], got {_describe(value)}")
-    return float(value)
+    number = _as_float(value)
+    if number is None or not 0.0 <= number <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {_describe_short(value)}")
+    return number
 
 
 def _step_count(name: str, value: Any, allowed: str) -> int:
     # Integral floats such as 10.0 (what a UI slider or JSON often sends) are accepted.
-    if _is_real(value) and math.isfinite(float(value)) and float(value).is_integer() and value >= 0:
-        return int(value)
-    raise ValueError(f"{name} must be {allowed}, got {_describe(value)}")
+    number = _as_float(value)
+    if number is not None and number.is_integer() and number >= 0:
+        return int(number)
+    raise ValueError(f"{name} must be {allowed}, got {_describe_short(value)}")
+
+
+def _describe_short(value: Any) -> str:
+    text = _describe(value)
+    return text if len(text) <= 80 else text[:60] + "..." + text[-16:]
 
 
 @dataclass(frozen=True)
@@ -66,7 +85,7 @@ class Concept:
     reverse: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
+        if not isinstance(self.prompt, str) or not self.prompt:
             raise ValueError(f"prompt must be a non-empty string, got {_describe(self.prompt)}")
         set_ = object.__setattr__  # frozen: normalised values are stored once, here
         set_(self, "scale", _finite("scale", self.scale))

@@ -8,6 +8,7 @@ inside a sampler's step without stalling an accelerator.
 
 from __future__ import annotations
 
+import numbers
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -147,6 +148,7 @@ class SemanticGuidance:
         as of the start of that step; the last one's values carry on to the next step.
         """
         _check_step(step, self._step)
+        step = int(step)
         _check_pair(uncond, cond)
         needed = self.needed(step)
         estimates = _by_index(concepts, needed, len(self.config.concepts), uncond)
@@ -154,21 +156,27 @@ class SemanticGuidance:
             if self._pending is not None:
                 self._momentum = self._pending
             self._step = step
-        if self._momentum is not None and self._momentum.shape != uncond.shape:
-            raise ValueError(
-                f"uncond has shape {tuple(uncond.shape)}, but this sampling pass started with "
-                f"{tuple(self._momentum.shape)}: use a new SemanticGuidance for each pass")
+        if self._momentum is not None:
+            _check_same_pass(uncond, self._momentum)
         edit, self._pending = guidance_step(self.config, step, uncond, estimates, self._momentum)
         return edit
 
 
 def _check_step(step: int, current: Optional[int]) -> None:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step must be an integer >= 0, got {step!r}")
     if current is not None and step < current:
         raise ValueError(
             f"step {step} came after step {current}: steps must not go back within one "
             "sampling pass; use a new SemanticGuidance for each pass")
+
+
+def _check_same_pass(uncond: torch.Tensor, momentum: torch.Tensor) -> None:
+    if (uncond.shape, uncond.dtype, uncond.device) != (momentum.shape, momentum.dtype,
+                                                         momentum.device):
+        raise ValueError(
+            f"uncond is {_describe_tensor(uncond)}, but this sampling pass started with "
+            f"{_describe_tensor(momentum)}: use a new SemanticGuidance for each pass")
 
 
 def _describe_tensor(t: torch.Tensor) -> str:
@@ -195,8 +203,7 @@ def _check_like(name: str, tensor: torch.Tensor, uncond: torch.Tensor) -> None:
 def _by_index(concepts: Estimates, needed: Tuple[int, ...], count: int,
               uncond: torch.Tensor) -> Dict[int, torch.Tensor]:
     """Maps concept index to estimate for the two accepted forms (all N, or the needed K)."""
-    if concepts is None or (isinstance(concepts, torch.Tensor) and concepts.numel() == 0
-                            and concepts.dim() == 5 and concepts.shape[0] == 0):
+    if concepts is None or (isinstance(concepts, torch.Tensor) and concepts.numel() == 0):
         rows = []
     elif isinstance(concepts, torch.Tensor):
         if concepts.dim() != 5:

@@ -20,7 +20,8 @@ from .config import Concept, GuidanceConfig
 _DIRECTIONS = {"add": False, "remove": True}
 _CONCEPT_KEYS = ("scale", "threshold", "warmup", "cooldown", "weight")
 _MOMENTUM_KEYS = {"momentum": "momentum_scale", "beta": "momentum_beta"}
-_INTEGER_KEYS = ("warmup", "cooldown")
+_INTEGER = re.compile(r"-?[0-9]+", re.ASCII)
+_FLOAT = re.compile(r"-?(?:[0-9]+\.?[0-9]*(?:e[-+]?[0-9]+)?|nan|inf)", re.ASCII)
 # Characters str.splitlines() breaks at that json.dumps(ensure_ascii=False) leaves raw.
 _LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 _WORD = re.compile(r'[^\s;"]+')
@@ -90,11 +91,13 @@ def _settings(words: List[Tuple[str, object, int]], allowed) -> Dict[str, str]:
 
 
 def _parse_number(key: str, value: str) -> Union[int, float]:
-    try:
-        return int(value) if key in _INTEGER_KEYS else float(value)
-    except ValueError:
-        kind = "an integer" if key in _INTEGER_KEYS else "a number"
-        raise ValueError(f"{key} must be {kind}, got {value!r}") from None
+    # Only the spellings to_text writes (ASCII digits, repr() of floats): Python's own int()
+    # and float() would also take '1_0' or non-ASCII digits.
+    if _INTEGER.fullmatch(value):
+        return int(value)
+    if _FLOAT.fullmatch(value):
+        return float(value)
+    raise ValueError(f"{key} must be a number, got {value!r}")
 
 
 def _concept(index: int, clause) -> Concept:

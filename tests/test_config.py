@@ -33,6 +33,7 @@ ACCEPTED = [
     {"prompt": "x", "threshold": 1, "warmup": 10.0, "cooldown": 3.0, "reverse": True},
     {"prompt": "x", "scale": np.float32(2.5), "warmup": np.int64(4), "threshold": np.float64(0.5)},
     {"prompt": "x", "warmup": 20, "cooldown": 5},  # a cooldown before the warmup is valid
+    {"prompt": " "},  # any non-empty string; the UI treats blank slots as unused instead
 ]
 
 
@@ -47,7 +48,6 @@ def test_valid_concepts_are_accepted_and_normalised(fields):
 
 REJECTED = [
     ({"prompt": ""}, "prompt", "non-empty string"),
-    ({"prompt": "   "}, "prompt", "non-empty string"),
     ({"prompt": None}, "prompt", "None"),
     ({"prompt": "x", "scale": math.nan}, "scale", "finite number, got nan"),
     ({"prompt": "x", "scale": math.inf}, "scale", "got inf"),
@@ -64,6 +64,9 @@ REJECTED = [
     ({"prompt": "x", "cooldown": -3}, "cooldown", r"None \(never\) or an integer >= 0, got -3"),
     ({"prompt": "x", "cooldown": 1.5}, "cooldown", "got 1.5"),
     ({"prompt": "x", "reverse": "yes"}, "reverse", "True or False, got 'yes'"),
+    ({"prompt": "x", "scale": 10 ** 400}, "scale", "finite number, got 1000"),
+    ({"prompt": "x", "warmup": 10 ** 400}, "warmup", "integer >= 0, got 1000"),
+    ({"prompt": "x", "threshold": 10 ** 400}, "threshold", r"in \[0, 1\]"),
 ]
 
 
@@ -115,6 +118,7 @@ def test_dict_form_round_trips_through_json_with_defaults_filled_in():
     ({"concepts": [{"prompt": "a", "scale": "high"}]}, r"scale must be a finite number, got 'high'"),
     ({"concepts": [{"prompt": "a", "reverse": "true"}]}, "reverse must be True or False"),
     ({"momentum_scale": None}, "momentum_scale must be a finite number, got None"),
+    ({"momentum_scale": 10 ** 400}, "momentum_scale must be a finite number"),
     ([], r"expected a JSON object \(dict\), got \[\]"),
 ])
 def test_dict_form_errors_name_the_key(data, message):

@@ -34,6 +34,7 @@ TOLERANCE = {  # (rtol, atol)
 
 
 def assert_matches_reference(config, run, dtype=torch.float32, subset=False):
+    """Returns how many steps with a non-zero reference edit were compared."""
     ours = replay(config, run, dtype=dtype, subset=subset)
     rtol, atol = TOLERANCE[dtype]
     compared = 0
@@ -48,7 +49,7 @@ def assert_matches_reference(config, run, dtype=torch.float32, subset=False):
             break
         torch.testing.assert_close(edit.double(), expected.double(), rtol=rtol, atol=atol,
                                    msg=lambda m: f"step {step}: {m}")
-        compared += 1
+        compared += bool(expected.abs().sum() > 0)
     return compared
 
 
@@ -104,11 +105,19 @@ HAND_MADE = {
 def test_hand_made_cases_match_the_reference(name, reference_pipeline):
     config, options = HAND_MADE[name]
     run = run_reference(reference_pipeline(), config, **options)
-    assert assert_matches_reference(config, run) >= 1
-    assert run.edits.abs().sum() > 0 or name == "the reference's 0 / 0 becomes no edit"
+    nan_case = name == "the reference's 0 / 0 becomes no edit"
+    assert assert_matches_reference(config, run) >= 1 or nan_case
 
 
 def random_config(rng: random.Random, steps: int) -> GuidanceConfig:
+    """Random settings; the first concept always acts at some step, so edits are not all 0."""
+    def acting():
+        warmup = rng.randint(0, steps - 1)
+        return C(prompt=rng.choice(PROMPTS), scale=rng.choice([5.0, -3.0, rng.uniform(1, 15)]),
+                 threshold=rng.choice([0.0, 0.9, rng.random()]), warmup=warmup,
+                 cooldown=rng.choice([None, rng.randint(warmup + 1, steps)]),
+                 weight=rng.choice([1.0, rng.uniform(0.5, 3)]), reverse=rng.random() < 0.4)
+
     def concept():
         return C(prompt=rng.choice(PROMPTS),
                  scale=rng.choice([5.0, 0.0, -3.0, rng.uniform(-10, 20), rng.uniform(0, 20)]),
@@ -117,7 +126,7 @@ def random_config(rng: random.Random, steps: int) -> GuidanceConfig:
                  cooldown=rng.choice([None, None, rng.randint(0, steps)]),
                  weight=rng.choice([1.0, 0.0, -1.0, rng.uniform(0, 3), rng.uniform(0, 3)]),
                  reverse=rng.random() < 0.4)
-    return GuidanceConfig(concepts=[concept() for _ in range(rng.randint(1, 4))],
+    return GuidanceConfig(concepts=[acting()] + [concept() for _ in range(rng.randint(0, 3))],
                           momentum_scale=rng.choice([0.0, 0.1, rng.uniform(-1, 1)]),
                           momentum_beta=rng.choice([0.0, 0.4, 1.0, rng.random()]))
 
@@ -130,7 +139,8 @@ def test_random_cases_match_the_reference(seed, reference_pipeline):
     run = run_reference(reference_pipeline(), config, steps=steps, batch=rng.randint(1, 2),
                         height=8 * rng.randint(1, 3), width=8 * rng.randint(1, 3), seed=seed,
                         guidance_scale=rng.choice([7.5, 3.0]))
-    assert_matches_reference(config, run)
+    nan_case = any(reference_divides_zero_by_zero(config, i) for i in range(steps))
+    assert assert_matches_reference(config, run) >= 1 or nan_case
 
 
 DTYPE_CASE = GuidanceConfig(
@@ -142,7 +152,7 @@ DTYPE_CASE = GuidanceConfig(
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_other_dtypes_match_the_reference(dtype, reference_pipeline):
     run = run_reference(reference_pipeline(dtype), DTYPE_CASE, steps=9, batch=2, width=24)
-    assert assert_matches_reference(DTYPE_CASE, run, dtype=dtype) == 9
+    assert assert_matches_reference(DTYPE_CASE, run, dtype=dtype) == 7  # steps 2-8 edit
 
 
 @pytest.mark.parametrize("seed", range(0, 40, 4))
@@ -151,4 +161,5 @@ def test_skipping_matches_the_reference(seed, reference_pipeline):
     steps = rng.randint(3, 12)
     config = random_config(rng, steps)
     run = run_reference(reference_pipeline(), config, steps=steps, seed=seed)
-    assert_matches_reference(config, run, subset=True)
+    nan_case = any(reference_divides_zero_by_zero(config, i) for i in range(steps))
+    assert assert_matches_reference(config, run, subset=True) >= 1 or nan_case

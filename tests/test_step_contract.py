@@ -45,18 +45,27 @@ def test_list_of_tensors_is_the_same_as_a_stacked_tensor():
                            listed.step(step=step, uncond=u, cond=t, concepts=list(c)))
 
 
+def everything_needed(config, step):
+    return tuple(range(len(config.concepts)))
+
+
 @pytest.mark.parametrize("seed", range(30))
-def test_skipped_estimates_give_bit_identical_edits(seed):
+def test_skipped_estimates_give_bit_identical_edits(seed, monkeypatch):
     rng = random.Random(1000 + seed)
     steps = rng.randint(2, 12)
     config = random_config(rng, steps)
-    full, skipping = SemanticGuidance(config), SemanticGuidance(config)
-    for step in range(steps):
-        u, t, c = estimates(len(config.concepts), seed * 100 + step)
+    calls = [(step, estimates(len(config.concepts), seed * 100 + step)) for step in range(steps)]
+    skipping = SemanticGuidance(config)
+    skipped_edits = []
+    for step, (u, t, c) in calls:
         needed = list(skipping.needed(step))
         subset = c[needed] if needed else None
-        assert torch.equal(full.step(step=step, uncond=u, cond=t, concepts=c),
-                           skipping.step(step=step, uncond=u, cond=t, concepts=subset))
+        skipped_edits.append(skipping.step(step=step, uncond=u, cond=t, concepts=subset))
+    # The same pass computing every concept's term at every step, as the reference does.
+    monkeypatch.setattr("ldg_core.guidance.concepts_needed", everything_needed)
+    everything = SemanticGuidance(config)
+    for (step, (u, t, c)), skipped in zip(calls, skipped_edits):
+        assert torch.equal(everything.step(step=step, uncond=u, cond=t, concepts=c), skipped)
 
 
 def test_what_is_needed_follows_the_rules():
@@ -138,6 +147,26 @@ def test_bad_tensors_are_named_in_the_error(change, message):
     u, t, c = change(*estimates(2, 0))
     with pytest.raises(ValueError, match=message):
         guidance.step(step=2, uncond=u, cond=t, concepts=c)
+
+
+@pytest.mark.parametrize("change", [lambda u: u[:1], lambda u: u.double()])
+def test_a_new_shape_or_dtype_mid_pass_is_refused(change):
+    guidance = SemanticGuidance(two_concepts(momentum_scale=0.5))
+    u, t, c = estimates(2, 0)
+    guidance.step(step=0, uncond=u, cond=t, concepts=c)
+    u, t, c = estimates(2, 1)
+    u, t, c = change(u), change(t), torch.stack([change(x) for x in c])
+    with pytest.raises(ValueError, match="but this sampling pass started with"):
+        guidance.step(step=1, uncond=u, cond=t, concepts=c)
+
+
+def test_numpy_integer_steps_and_empty_estimates():
+    import numpy as np
+    guidance = SemanticGuidance(GuidanceConfig(concepts=[C(prompt="a", warmup=5)],
+                                               momentum_scale=0.0))
+    u, t, _ = estimates(1, 0)
+    edit = guidance.step(step=np.int64(0), uncond=u, cond=t, concepts=torch.empty(0))
+    assert torch.equal(edit, torch.zeros_like(u))
 
 
 def test_a_new_shape_mid_pass_is_refused():

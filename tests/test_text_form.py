@@ -58,12 +58,17 @@ GOOD = 'add "cat" scale=5 threshold=0.9 warmup=10 weight=1; momentum=0.1 beta=0.
     ("momentum=0.1 beta=0.4 extra=1", "unexpected 'extra=1' at position 22"),
     ("momentum=0.1 beta=0.4 beta=0.5", "beta is given twice"),
     ("momentum=fast beta=0.4", "momentum must be a number, got 'fast'"),
+    ("momentum=1_0 beta=0.4", "momentum must be a number, got '1_0'"),
+    (GOOD.replace("warmup=10", "warmup=\u0661\u0660"), "warmup must be a number"),
+    (GOOD.replace("scale=5", "scale=\uff15"), "scale must be a number"),
+    (GOOD.replace("warmup=10", "warmup=" + "9" * 400), "warmup must be an integer >= 0"),
     ('add "cat scale=5; momentum=0.1 beta=0.4', "bad quoted prompt at position 4"),
     ('add cat scale=5; momentum=0.1 beta=0.4', r"concept 0: expected a quoted prompt after 'add'"),
     ('grow "cat" scale=5; momentum=0.1 beta=0.4', "clause 1 .* must start with 'add' or 'remove'"),
     ('; momentum=0.1 beta=0.4', "clause 1 .* must start with 'add' or 'remove'"),
     (GOOD.replace("scale=5 ", ""), r"concept 0 \('cat'\): scale is missing"),
     (GOOD.replace("warmup=10", "warmup=10.5"), r"concept 0 \('cat'\): warmup must be an integer"),
+    (GOOD.replace("warmup=10", "warmup=+10"), r"warmup must be a number, got '\+10'"),
     (GOOD.replace("threshold=0.9", "threshold=1.9"),
      r"concept 0 \('cat'\): threshold must be a number in \[0, 1\], got 1.9"),
     (GOOD.replace("scale=5", "scale=nan"), r"scale must be a finite number, got nan"),
@@ -79,7 +84,7 @@ def test_malformed_text_gives_a_clear_error(text, message):
 
 
 @settings(max_examples=300)
-@given(st.text(alphabet=st.sampled_from(list('addremove "=;.0123456789 scalewmupt\\n')),
+@given(st.text(alphabet=st.sampled_from(list('addremove "=;.0123456789 scalewmupt\n')),
                max_size=80) | st.text(max_size=40))
 def test_arbitrary_text_never_crashes(text):
     try:
