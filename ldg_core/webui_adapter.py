@@ -1,0 +1,238 @@
+"""Semantic guidance inside the WebUI's CFG denoiser, one sampling pass at a time.
+
+The WebUI's CFG denoiser (modules/sd_samplers_cfg_denoiser.py, v1.10.1) lays out the rows of
+every model call as [prompt rows (AND sub-prompts included)] + [uncond rows, one per image],
+and lets callbacks change them. For each call this adapter
+  1. on_cfg_denoiser: appends one row per image for each concept the engine needs at this
+     step, after the prompt rows and before the uncond rows (same x, sigma and image
+     conditioning as the uncond rows, so a concept differs from uncond only by its text);
+  2. on_cfg_denoised: reads those rows back, turns them into eps and asks SemanticGuidance
+     for the edit;
+  3. on_cfg_after_cfg: adds the edit to the combined result, in the sampler's own space.
+Nothing of the WebUI is imported here: what is needed of it comes in as `WebUIFunctions`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .config import GuidanceConfig
+from .guidance import SemanticGuidance, concepts_needed
+
+log = logging.getLogger("latent_diffusion_guidance")
+
+# Samplers whose model calls cannot be placed on the step schedule the user set.
+REFUSED_SAMPLERS = {
+    "DPM fast": "it picks its own evaluation points instead of the step schedule",
+    "DPM adaptive": "it picks its own evaluation points instead of the step schedule",
+    "Restart": "it jumps back to higher noise levels, so steps repeat out of order",
+}
+# Timestep samplers whose first step makes an extra model call (PLMS's pseudo improved Euler,
+# sd_samplers_timesteps_impl.py L116-120).
+EXTRA_FIRST_CALLS = {"PLMS": 1}
+
+
+@dataclass(frozen=True)
+class StepClock:
+    """Maps the denoiser's call counter within a pass to the step index of the full schedule.
+
+    `offset` is the index of the pass's first step (img2img and hires passes join the schedule
+    part-way), `calls_per_step` is 2 for samplers that evaluate the model twice per step.
+    """
+
+    offset: int = 0
+    calls_per_step: int = 1
+    extra_first_calls: int = 0
+
+    def index(self, call: int) -> int:
+        return self.offset + max(call - self.extra_first_calls, 0) // self.calls_per_step
+
+
+def step_clock(sampler_name: str, *, second_order: bool, timestep_sampler: bool,
+               img2img_schedule: Optional[Tuple[int, int]] = None) -> StepClock:
+    """The clock of one pass. `img2img_schedule` is (steps, t_enc) as the WebUI's
+    setup_img2img_steps gives them for an img2img or hires pass; None for txt2img.
+
+    k-diffusion runs sigmas[steps - t_enc - 1:] of a `steps` schedule
+    (sd_samplers_kdiffusion.py L138-139); timestep samplers run timesteps[:t_enc], whose first
+    call is the (steps - t_enc)-th of a txt2img run (sd_samplers_timesteps.py L101-103, impl
+    L22-25). Raises ValueError for samplers that follow no fixed schedule.
+    """
+    if sampler_name in REFUSED_SAMPLERS:
+        raise ValueError(f"the sampler {sampler_name!r} is not supported: "
+                         f"{REFUSED_SAMPLERS[sampler_name]}. Choose another sampler")
+    offset = 0
+    if img2img_schedule is not None:
+        steps, t_enc = img2img_schedule
+        offset = max(steps - t_enc - (0 if timestep_sampler else 1), 0)
+    if timestep_sampler:
+        return StepClock(offset, 1, EXTRA_FIRST_CALLS.get(sampler_name, 0))
+    return StepClock(offset, 2 if second_order else 1)
+
+
+@dataclass(frozen=True)
+class WebUIFunctions:
+    """The pieces of the WebUI the adapter uses, handed in by the script (or a test double)."""
+
+    reconstruct_cond_batch: Callable[[Any, int], Any]  # prompt_parser.reconstruct_cond_batch
+    catenate_conds: Callable[[list], Any]  # sd_samplers_cfg_denoiser.catenate_conds
+    pad_cond: Callable[[Any, int, torch.Tensor], Any]  # sd_samplers_cfg_denoiser.pad_cond
+    empty_cond: Callable[[], torch.Tensor]  # the model's cond_stage_model_empty_prompt
+    skips_uncond: Callable[[Any, torch.Tensor], bool]  # (denoiser, sigma): uncond skipped?
+
+
+def token_count(cond: Any) -> int:
+    return (cond["crossattn"] if isinstance(cond, dict) else cond).shape[-2]
+
+
+def _rows_of(cond: Any, count: int) -> Any:
+    """`count` copies of a one-row conditioning, keeping its type (DictWithShape for SDXL)."""
+    if isinstance(cond, dict):
+        return type(cond)({k: v.expand(count, *v.shape[1:]) for k, v in cond.items()})
+    return cond.expand(count, *cond.shape[1:])
+
+
+@dataclass
+class _Call:
+    index: int
+    needed: Tuple[int, ...]
+    prompt_rows: int  # rows before ours
+    images: int
+    x: torch.Tensor  # the images' x and sigma (the uncond rows' inputs)
+    sigma: torch.Tensor
+    denoiser: Any
+    edit: Optional[torch.Tensor] = None
+
+
+class PassGuidance:
+    """Guidance for one sampling pass of one generation; its on_* methods are the callbacks."""
+
+    def __init__(self, config: GuidanceConfig, *, clock: StepClock, owner: Any,
+                 concept_schedules: Sequence[Any], first_prompt_rows: Sequence[int],
+                 eps_outputs: bool, webui: WebUIFunctions):
+        self.guidance = SemanticGuidance(config)
+        self.clock = clock
+        self.owner = owner  # the processing object our script set up; other passes are left alone
+        self.schedules = list(concept_schedules)  # per concept, as get_learned_conditioning gives
+        self.first_prompt_rows = list(first_prompt_rows)  # each image's first prompt row
+        self.eps_outputs = eps_outputs  # timestep samplers hand over eps, k-diffusion x0
+        self.webui = webui
+        self._call: Optional[_Call] = None
+        self.failed: Optional[str] = None
+
+    def replace_schedules(self, concept_schedules: Sequence[Any]) -> None:
+        """New conditioning for the same concepts (the SDXL refiner took over mid-pass)."""
+        self.schedules = list(concept_schedules)
+
+    # -- the callbacks -----------------------------------------------------------------------
+
+    def on_cfg_denoiser(self, params) -> None:
+        self._call = None
+        denoiser = getattr(params, "denoiser", None)
+        if self.failed or denoiser is None or getattr(denoiser, "p", None) is not self.owner:
+            return
+        images = params.text_uncond.shape[0]
+        prompt_rows = params.text_cond.shape[0]
+        if params.x.shape[0] != prompt_rows + images:
+            return self._fail(f"the model call has {params.x.shape[0]} rows where "
+                              f"{prompt_rows} prompt rows + {images} uncond rows were expected")
+        sigma_images = params.sigma[-images:]
+        if self.webui.skips_uncond(denoiser, sigma_images):
+            return  # the WebUI drops CFG at this step; without an uncond there is no direction
+        index = self.clock.index(denoiser.step)
+        needed = self.guidance.needed(index)
+        self._call = _Call(index, needed, prompt_rows, images, params.x[-images:], sigma_images,
+                           denoiser)
+        if needed:
+            self._add_concept_rows(params, denoiser.step)
+
+    def on_cfg_denoised(self, params) -> None:
+        call = self._call
+        if call is None:
+            return
+        out, k, b = params.x, len(call.needed), call.images
+        uncond = self._to_eps(out[-b:], call)
+        cond = self._to_eps(out[self.first_prompt_rows], call)
+        concepts = None
+        if k:
+            rows = out[call.prompt_rows:call.prompt_rows + k * b]
+            concepts = self._to_eps(rows, call, repeats=k).view(k, *uncond.shape)
+        call.edit = self.guidance.step(step=call.index, uncond=uncond, cond=cond, concepts=concepts)
+
+    def on_cfg_after_cfg(self, params) -> None:
+        call, self._call = self._call, None
+        if call is None or call.edit is None:
+            return
+        # k-diffusion combines x0 = x - sigma * eps, so an eps change d is an x0 change -sigma*d.
+        edit = call.edit if self.eps_outputs else call.edit * -_per_image(call.sigma, call.edit)
+        if getattr(call.denoiser, "mask", None) is not None:
+            edit = edit * call.denoiser.nmask  # inpainting: the preserved area is left alone
+        params.x = params.x + edit
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _add_concept_rows(self, params, call_number: int) -> None:
+        call = self._call
+        k, b = len(call.needed), call.images
+        chosen = [self.schedules[i] for i in call.needed]
+        conds = self.webui.reconstruct_cond_batch(chosen, call_number)  # one row per concept
+        conds = self._pad_to(conds, token_count(params.text_cond))
+        if conds is None:
+            self._call = None
+            return
+        rows = [_rows_of(_row(conds, i), b) for i in range(k)]
+        params.text_cond = self.webui.catenate_conds([params.text_cond] + rows)
+        if isinstance(rows[0], dict) and not isinstance(params.text_cond, type(rows[0])):
+            params.text_cond = type(rows[0])(params.text_cond)  # keep DictWithShape
+        params.x = _insert_before_last(params.x, b, k)
+        params.sigma = _insert_before_last(params.sigma, b, k)
+        params.image_cond = _insert_before_last(params.image_cond, b, k)
+
+    def _pad_to(self, conds: Any, tokens: int) -> Any:
+        have = token_count(conds)
+        if have == tokens:
+            return conds
+        empty = self.webui.empty_cond()
+        repeats, rest = divmod(tokens - have, empty.shape[-2])
+        if have > tokens or rest:
+            return self._fail(f"a concept has {have} tokens and the prompt {tokens}: concept rows "
+                              "cannot be matched to the prompt rows")
+        return self.webui.pad_cond(conds, repeats, empty)
+
+    def _to_eps(self, out: torch.Tensor, call: _Call, repeats: int = 1) -> torch.Tensor:
+        if self.eps_outputs:
+            return out
+        x = call.x.repeat(repeats, *([1] * (call.x.dim() - 1)))
+        sigma = _per_image(call.sigma.repeat(repeats), x)
+        return (x - out) / sigma
+
+    def _fail(self, why: str) -> None:
+        self.failed = why
+        self._call = None
+        log.error("Latent Diffusion Guidance stops guiding this pass: %s.", why)
+        return None
+
+
+def _row(cond: Any, i: int) -> Any:
+    if isinstance(cond, dict):
+        return type(cond)({k: v[i:i + 1] for k, v in cond.items()})
+    return cond[i:i + 1]
+
+
+def _per_image(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return sigma.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _insert_before_last(t: torch.Tensor, last: int, repeats: int) -> torch.Tensor:
+    """[head] + [t[-last:]] * repeats + [t[-last:]]: concept rows copy the uncond rows' inputs."""
+    tail = t[-last:]
+    return torch.cat([t[:-last]] + [tail] * repeats + [tail])
+
+
+def can_act(config: GuidanceConfig, first_step: int, end_step: int) -> bool:
+    """Whether any concept can change any edit in steps [first_step, end_step)."""
+    return any(concepts_needed(config, i) for i in range(first_step, max(end_step, first_step)))

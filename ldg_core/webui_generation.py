@@ -1,0 +1,248 @@
+"""One generation of the WebUI with guidance: checks, conditioning, callbacks and clean-up.
+
+The script hands in the WebUI modules it uses (`WebUIModules`), so nothing here imports the
+WebUI and the same code runs against the test double of its contract.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+from .config import GuidanceConfig
+from .text_form import to_text
+from .webui_adapter import (REFUSED_SAMPLERS, PassGuidance, WebUIFunctions, can_act, step_clock,
+                            token_count)
+
+log = logging.getLogger("latent_diffusion_guidance")
+
+INFOTEXT_KEY = "Latent Diffusion Guidance"
+_ATTRIBUTE = "latent_diffusion_guidance"  # where a processing object keeps its Generation
+
+
+@dataclass(frozen=True)
+class WebUIModules:
+    shared: Any  # modules.shared (opts, sd_model)
+    script_callbacks: Any
+    prompt_parser: Any
+    sd_samplers_common: Any  # setup_img2img_steps
+    sd_samplers_cfg_denoiser: Any  # catenate_conds, pad_cond
+    sd_samplers_timesteps: Any  # CompVisSampler: the samplers that hand over eps
+
+
+class GuidanceError(ValueError):
+    """Bad settings or an unsupported setup: stops the generation before sampling."""
+
+    def __init__(self, message: str):
+        super().__init__(f"Latent Diffusion Guidance: {message}")
+
+
+def model_problem(model: Any) -> Optional[str]:
+    if getattr(model, "is_sd3", False):
+        return ("SD3 models are not supported: they are flow-matching models, whose outputs are "
+                "not noise estimates")
+    if getattr(model, "cond_stage_key", None) == "edit":
+        return "instruct-pix2pix edit models are not supported: their calls have a third block"
+    return None
+
+
+def sampler_names(p: Any) -> List[str]:
+    names = [p.sampler_name]
+    hr_name = getattr(p, "hr_sampler_name", None)
+    if getattr(p, "enable_hr", False) and hr_name and hr_name != "Use same sampler":
+        names.append(hr_name)
+    return names
+
+
+class Generation:
+    """Guidance state of one processing object `p`, across its batches and passes."""
+
+    def __init__(self, p: Any, config: GuidanceConfig, modules: WebUIModules, cache: list):
+        self.p = p
+        self.config = config
+        self.m = modules
+        self.cache = cache  # a get_conds_with_caching cell, kept by the script across generations
+        self.current: Optional[PassGuidance] = None
+        self.encoded_for: Any = None
+        self.registered = False
+
+    @classmethod
+    def of(cls, p: Any) -> Optional["Generation"]:
+        generation = getattr(p, _ATTRIBUTE, None)
+        return generation if generation is not None and generation.p is p else None
+
+    # -- set-up before sampling --------------------------------------------------------------
+
+    @classmethod
+    def attach(cls, p: Any, config: Optional[GuidanceConfig], modules: WebUIModules,
+               cache: list, error: Optional[Exception] = None) -> Optional["Generation"]:
+        """Prepares `p` (from the script's process()). Disabled: touches nothing at all."""
+        if error is None and config is None:
+            return None
+        problem = str(error) if error is not None else model_problem(modules.shared.sd_model)
+        for name in [] if problem else sampler_names(p):
+            if name in REFUSED_SAMPLERS:
+                problem = f"the sampler {name!r} is not supported: {REFUSED_SAMPLERS[name]}"
+        if problem:
+            _refuse_sampling(p, GuidanceError(problem))
+            return None
+        generation = cls(p, config, modules, cache)
+        setattr(p, _ATTRIBUTE, generation)
+        p.extra_generation_params[INFOTEXT_KEY] = to_text(config)
+        generation._wrap_sample()
+        return generation
+
+    def _wrap_sample(self) -> None:
+        # Sampling is the one place from which an exception stops a generation, and the place
+        # to clean up after: postprocess never runs when sampling raises or is interrupted.
+        p, sample = self.p, self.p.sample
+
+        def sample_with_guidance(*args, **kwargs):
+            try:
+                return sample(*args, **kwargs)
+            finally:
+                self.unregister()
+        p.sample = sample_with_guidance
+
+    def start_pass(self, c: Any) -> None:
+        """From process_before_every_sampling: the first pass, or the hires pass, begins."""
+        p, sampler = self.p, self.p.sampler
+        timesteps = isinstance(sampler, self.m.sd_samplers_timesteps.CompVisSampler)
+        steps, schedule = self._schedule()
+        try:
+            clock = step_clock(sampler.config.name, timestep_sampler=timesteps,
+                               second_order=sampler.config.options.get("second_order", False),
+                               img2img_schedule=schedule)
+            conds = self._encode()
+            self._check_lengths(c, conds)
+        except GuidanceError as error:
+            return self._refuse_pass(error)
+        except ValueError as error:
+            return self._refuse_pass(GuidanceError(str(error)))
+        repeats = [len(rows) for rows in c.batch]
+        first_rows = [0] + list(itertools.accumulate(repeats))[:-1]
+        self.current = PassGuidance(
+            self.config, clock=clock, owner=p, concept_schedules=conds,
+            first_prompt_rows=first_rows, eps_outputs=timesteps, webui=self._functions())
+        if can_act(self.config, clock.offset, steps):
+            self.register()
+        else:
+            self.unregister()
+
+    def _schedule(self):
+        """(steps of the full schedule, img2img (steps, t_enc) or None) for the coming pass."""
+        p = self.p
+        if getattr(p, "is_hr_pass", False):
+            schedule = self.m.sd_samplers_common.setup_img2img_steps(
+                p, getattr(p, "hr_second_pass_steps", 0) or p.steps)
+        elif getattr(p, "init_latent", None) is not None:
+            schedule = self.m.sd_samplers_common.setup_img2img_steps(p)
+        else:
+            return p.steps, None
+        return schedule[0], schedule
+
+    def _encode(self) -> list:
+        """The concepts' conditioning, on the same clock as the prompt's own (processing.py
+        L493-503 for a first pass, L1500-1511 for the hires pass), cached like it."""
+        p, m = self.p, self.m
+        prompts = [c.prompt for c in self.config.concepts]
+        if getattr(p, "is_hr_pass", False):
+            width, height = p.hr_upscale_to_x, p.hr_upscale_to_y
+            hr_steps = getattr(p, "hr_second_pass_steps", 0) or p.steps
+            steps, hires_steps = p.firstpass_steps, p.sampler.config.total_steps(hr_steps)
+        else:
+            width, height = p.width, p.height
+            steps, hires_steps = p.sampler.config.total_steps(p.steps), None
+        texts = m.prompt_parser.SdConditioning(prompts, width=width, height=height)
+        self.encoded_for = _model_key(m.shared.sd_model)
+        return p.get_conds_with_caching(m.prompt_parser.get_learned_conditioning, texts, steps,
+                                        [self.cache], p.extra_network_data, hires_steps)
+
+    def _check_lengths(self, c: Any, conds: list) -> None:
+        prompt_tokens = min(token_count(s.cond) for rows in c.batch for row in rows
+                            for s in row.schedules)
+        for index, schedule in enumerate(conds):
+            tokens = max(token_count(s.cond) for s in schedule)
+            if tokens > prompt_tokens:
+                concept = self.config.concepts[index]
+                raise GuidanceError(
+                    f"concept {index + 1} ({concept.prompt!r}) is {tokens} tokens long, longer "
+                    f"than the prompt ({prompt_tokens} tokens); shorten the concept or lengthen "
+                    "the prompt (for example with BREAK)")
+
+    def _functions(self) -> WebUIFunctions:
+        m = self.m
+        return WebUIFunctions(
+            reconstruct_cond_batch=m.prompt_parser.reconstruct_cond_batch,
+            catenate_conds=m.sd_samplers_cfg_denoiser.catenate_conds,
+            pad_cond=m.sd_samplers_cfg_denoiser.pad_cond,
+            empty_cond=lambda: m.shared.sd_model.cond_stage_model_empty_prompt,
+            skips_uncond=self._skips_uncond)
+
+    def _skips_uncond(self, denoiser: Any, sigma: Any) -> bool:
+        """The WebUI's own rule (sd_samplers_cfg_denoiser.py L219-224)."""
+        opts = self.m.shared.opts
+        if opts.skip_early_cond != 0 and denoiser.step / denoiser.total_steps <= opts.skip_early_cond:
+            return True
+        s_min_uncond = getattr(denoiser.sampler, "s_min_uncond", 0) or 0
+        if not (s_min_uncond > 0 and (denoiser.step % 2 or opts.s_min_uncond_all)):
+            return False
+        return bool(sigma[0] < s_min_uncond)
+
+    def _refuse_pass(self, error: GuidanceError) -> None:
+        # Inside p.sample already: make this pass's sampling call raise instead of running.
+        self.current = None
+        self.unregister()
+        sampler = self.p.sampler
+
+        def refuse(*args, **kwargs):
+            raise error
+        sampler.sample = sampler.sample_img2img = refuse
+
+    # -- callbacks ---------------------------------------------------------------------------
+
+    def register(self) -> None:
+        if self.registered:
+            return
+        cb = self.m.script_callbacks
+        cb.on_cfg_denoiser(self.on_cfg_denoiser, name=_ATTRIBUTE)
+        cb.on_cfg_denoised(self.on_cfg_denoised, name=_ATTRIBUTE)
+        cb.on_cfg_after_cfg(self.on_cfg_after_cfg, name=_ATTRIBUTE)
+        self.registered = True
+
+    def unregister(self) -> None:
+        if not self.registered:
+            return
+        for callback in (self.on_cfg_denoiser, self.on_cfg_denoised, self.on_cfg_after_cfg):
+            self.m.script_callbacks.remove_callbacks_for_function(callback)
+        self.registered = False
+
+    def on_cfg_denoiser(self, params) -> None:
+        current = self.current
+        if current is None:
+            return
+        if _model_key(self.m.shared.sd_model) != self.encoded_for:
+            current.replace_schedules(self._encode())  # the SDXL refiner took over
+        current.on_cfg_denoiser(params)
+
+    def on_cfg_denoised(self, params) -> None:
+        if self.current is not None:
+            self.current.on_cfg_denoised(params)
+
+    def on_cfg_after_cfg(self, params) -> None:
+        if self.current is not None:
+            self.current.on_cfg_after_cfg(params)
+
+
+def _model_key(model: Any) -> tuple:
+    return id(model), getattr(model, "sd_checkpoint_info", None)
+
+
+def _refuse_sampling(p: Any, error: GuidanceError) -> None:
+    """Makes this generation's sampling call raise `error` before any step: the WebUI logs and
+    ignores exceptions from script hooks, but not from sampling (webui-contract.md)."""
+    def refuse(*args, **kwargs):
+        raise error
+    p.sample = refuse

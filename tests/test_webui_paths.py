@@ -1,0 +1,356 @@
+"""The WebUI script in the test double of WebUI 1.10.1, driven by the real k-diffusion
+samplers: disabled is bit-identical, enabled matches the independent reference."""
+import pytest
+import torch
+
+from tests import webui_harness as h
+from tests.webui_double.model import TinySD
+from tests.webui_reference import ReferenceGuidance
+from ldg_core import Concept, GuidanceConfig
+from modules import script_callbacks, shared
+
+K_SAMPLERS = ["Euler", "Euler a", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ 2M",
+              "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"]
+TIMESTEP_SAMPLERS = ["DDIM", "DDIM CFG++", "PLMS", "UniPC"]
+CONCEPTS = [{"prompt": "smiling woman", "scale": 40.0, "warmup": 2, "threshold": 0.8},
+            {"prompt": "glasses", "direction": "remove", "scale": 30.0, "warmup": 1,
+             "cooldown": 6, "weight": 2.0}]
+
+
+@pytest.fixture(autouse=True)
+def webui_state():
+    shared.opts = shared.default_opts()
+    shared.sd_model = TinySD()
+    script_callbacks.reported.clear()
+    yield
+    assert script_callbacks.registered_count() == 0, "callbacks left registered"
+    assert not script_callbacks.reported, script_callbacks.reported
+
+
+def config_of(concepts, momentum_scale=0.1, momentum_beta=0.4):
+    made = []
+    for c in concepts:
+        fields = {k: v for k, v in c.items() if k != "direction"}
+        if fields.get("cooldown", -1) == -1:
+            fields["cooldown"] = None
+        made.append(Concept(reverse=c.get("direction") == "remove", **fields))
+    return GuidanceConfig(concepts=made, momentum_scale=momentum_scale, momentum_beta=momentum_beta)
+
+
+def unguided(p_kwargs):
+    return h.generate(p_kwargs)[1]
+
+
+def guided(p_kwargs, concepts=CONCEPTS, **settings):
+    return h.generate(p_kwargs, h.script_args(concepts, **settings))
+
+
+def referenced(p_kwargs, concepts=CONCEPTS, **settings):
+    reference = ReferenceGuidance(config_of(concepts, **settings))
+    return h.generate(p_kwargs, None, extra_scripts=[(reference, [])])[1]
+
+
+def assert_guided_as_reference(p_kwargs, concepts=CONCEPTS, **settings):
+    p, ours = guided(p_kwargs, concepts, **settings)
+    expected = referenced(p_kwargs, concepts, **settings)
+    plain = unguided(p_kwargs)
+    assert (ours - plain).abs().max() > 1e-3, "guidance had no visible effect"
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    return p
+
+
+@pytest.mark.parametrize("sampler", K_SAMPLERS + TIMESTEP_SAMPLERS)
+def test_disabled_is_bit_identical_and_registers_nothing(sampler):
+    p_kwargs = {"sampler_name": sampler, "steps": 6}
+    plain = unguided(p_kwargs)
+    p, off = h.generate(p_kwargs, h.script_args(CONCEPTS, enabled=False))
+    assert torch.equal(plain, off)
+    assert "Latent Diffusion Guidance" not in p.extra_generation_params
+    p, empty = h.generate(p_kwargs, h.script_args([{"prompt": "  "}]))
+    assert torch.equal(plain, empty)
+
+
+@pytest.mark.parametrize("sampler", K_SAMPLERS + TIMESTEP_SAMPLERS)
+def test_enabled_matches_the_reference(sampler):
+    p = assert_guided_as_reference({"sampler_name": sampler, "steps": 8})
+    assert p.extra_generation_params["Latent Diffusion Guidance"].startswith('add "smiling woman"')
+
+
+def test_batch_images_are_guided_independently():
+    p_kwargs = {"sampler_name": "Heun", "steps": 8, "seed": 7}  # no sampler noise: seeds alone
+    _, pair = guided(dict(p_kwargs, batch_size=2))
+    _, first = guided(p_kwargs)
+    _, second = guided(dict(p_kwargs, seed=8))
+    # Each image's masks and momentum are its own: the batch gives what each alone gives.
+    torch.testing.assert_close(pair, torch.cat([first, second]), rtol=1e-5, atol=1e-5)
+    assert_guided_as_reference(dict(p_kwargs, batch_size=2))
+
+
+def test_batch_count_starts_each_batch_afresh():
+    p_kwargs = {"sampler_name": "DPM++ 2M", "steps": 8, "seed": 3}
+    _, both = guided(dict(p_kwargs, n_iter=2))
+    _, second_alone = guided(dict(p_kwargs, seed=4))
+    torch.testing.assert_close(both[1:2], second_alone, rtol=1e-5, atol=1e-5)
+
+
+def test_and_prompts():
+    assert_guided_as_reference({"sampler_name": "Euler", "steps": 8, "batch_size": 2,
+                                "prompt": "a cat AND a dog :0.5"})
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Heun", "DPM++ SDE", "DDIM", "PLMS", "UniPC"])
+def test_img2img_joins_the_schedule_where_its_noise_level_is(sampler):
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    concepts = [dict(CONCEPTS[0], warmup=6), CONCEPTS[1]]
+    assert_guided_as_reference({"sampler_name": sampler, "steps": 10, "init_latent": init,
+                                "denoising_strength": 0.5}, concepts)
+
+
+class PreservedAreaSpy:
+    """Registered after our script's callbacks: sees each combined result as the sampler will."""
+    def __init__(self):
+        self.max_change = []
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        self.p = p
+        script_callbacks.on_cfg_after_cfg(self.check, name="spy")
+
+    def check(self, params):
+        mask = self.p.mask
+        if self.p.sampler.model_wrap_cfg.mask_before_denoising:
+            return  # timestep samplers blend x before each call, and the result at the end
+        self.max_change.append(((params.x - self.p.init_latent) * mask).abs().max().item())
+
+    def postprocess(self, p, processed, *args):
+        script_callbacks.remove_callbacks_for_function(self.check)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_inpainting_leaves_the_preserved_area_alone(sampler):
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1.0  # the left half is preserved
+    p_kwargs = {"sampler_name": sampler, "steps": 10, "init_latent": init,
+                "denoising_strength": 0.9, "mask": mask, "nmask": 1 - mask}
+    spy = PreservedAreaSpy()
+    p, ours = h.generate(p_kwargs, h.script_args(CONCEPTS), extra_scripts=[(spy, [])])
+    assert all(change == 0 for change in spy.max_change)
+    assert torch.equal(ours * mask, init * mask)
+    assert_guided_as_reference(p_kwargs)
+
+
+def test_hires_fix_guides_both_passes():
+    p_kwargs = {"sampler_name": "Euler", "steps": 8, "enable_hr": True, "hr_scale": 2,
+                "hr_second_pass_steps": 4, "denoising_strength": 0.6}
+    p = assert_guided_as_reference(p_kwargs)
+    assert p.extra_generation_params["Latent Diffusion Guidance"]
+
+
+@pytest.mark.parametrize("options", [{"batch_cond_uncond": False}, {"pad_cond_uncond": True},
+                                     {"pad_cond_uncond_v0": True}, {}])
+def test_long_negative_prompt_and_cond_uncond_options(options):
+    for key, value in options.items():
+        setattr(shared.opts, key, value)
+    negative = " ".join(f"word{i}" for i in range(90))  # two chunks: 154 tokens against 77
+    assert_guided_as_reference({"sampler_name": "Euler", "steps": 6, "batch_size": 2,
+                                "negative_prompt": negative})
+
+
+def test_long_prompt_pads_concepts_with_empty_chunks():
+    prompt = " ".join(f"w{i}" for i in range(80)) + " BREAK a cat"  # three chunks
+    assert_guided_as_reference({"sampler_name": "DPM++ 2M", "steps": 6, "prompt": prompt})
+
+
+def test_cfg_scale_one():
+    assert_guided_as_reference({"sampler_name": "Euler", "steps": 6, "cfg_scale": 1.0})
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_sdxl_style_dict_conditioning(sampler):
+    shared.sd_model = TinySD(sdxl=True)
+    assert_guided_as_reference({"sampler_name": sampler, "steps": 6, "batch_size": 2})
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "DDIM"])
+def test_v_prediction_is_guided_in_eps_space(sampler):
+    shared.sd_model = TinySD(v_prediction=True)
+    assert_guided_as_reference({"sampler_name": sampler, "steps": 6})
+
+
+def inner_rows(p):
+    return p.sampler.model_wrap_cfg.inner_calls if p.sampler else []
+
+
+class RowSpy:
+    """Records the rows of every model call's conditioning, after our callback has run."""
+    def __init__(self):
+        self.calls = []
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        self.p = p
+        script_callbacks.on_cfg_denoiser(self.record, name="spy")
+
+    def record(self, params):
+        cond = params.text_cond["crossattn"] if isinstance(params.text_cond, dict) else params.text_cond
+        self.calls.append((params.denoiser.step, params.x.shape[0], cond.clone()))
+
+    def postprocess(self, p, processed, *args):
+        script_callbacks.remove_callbacks_for_function(self.record)
+
+
+@pytest.mark.parametrize("option", ["s_min_uncond", "skip_early_cond"])
+def test_steps_without_uncond_get_no_concept_rows_and_no_edit(option):
+    p_kwargs = {"sampler_name": "Euler", "steps": 8}
+    if option == "s_min_uncond":
+        p_kwargs["s_min_uncond"] = 100.0  # every odd call skips its uncond
+    else:
+        shared.opts.skip_early_cond = 0.5  # the first half of the calls skip theirs
+    spy = RowSpy()
+    concepts = [CONCEPTS[0], dict(CONCEPTS[1], cooldown=-1)]  # both needed at every step
+    p, ours = h.generate(p_kwargs, h.script_args(concepts), extra_scripts=[(spy, [])])
+    rows = [n for _, n, _ in spy.calls]
+    skipped = [i % 2 == 1 for i in range(8)] if option == "s_min_uncond" else [i <= 4 for i in range(8)]
+    for n, skip in zip(rows, skipped):
+        assert n == (2 if skip else 2 + 2)  # prompt + uncond (+ two concepts)
+    assert not torch.equal(ours, unguided(p_kwargs))
+
+
+def test_concept_schedules_run_on_the_prompts_clock():
+    # Heun makes two calls per step and the WebUI counts a prompt's [a:b:n] in calls (its
+    # conds are built for 2 x steps): a concept's schedule must switch at the same call.
+    spy = RowSpy()
+    concepts = [{"prompt": "[red:blue:6]", "warmup": 0}]
+    h.generate({"sampler_name": "Heun", "steps": 5}, h.script_args(concepts),
+               extra_scripts=[(spy, [])])
+    model = shared.sd_model
+    red, blue = model.get_learned_conditioning(["red"])[0], model.get_learned_conditioning(["blue"])[0]
+    for call, rows, cond in spy.calls:
+        assert rows == 3
+        assert torch.equal(cond[1], red if call <= 6 else blue), call
+
+
+def test_a_pass_of_another_processing_object_is_left_alone():
+    # ADetailer runs inner passes with copies of p while our callbacks are registered.
+    from ldg_core.webui_adapter import PassGuidance, StepClock, WebUIFunctions
+    from modules.script_callbacks import CFGDenoiserParams
+    guidance = PassGuidance(config_of(CONCEPTS), clock=StepClock(), owner=object(),
+                            concept_schedules=[], first_prompt_rows=[0], eps_outputs=False,
+                            webui=None)
+    denoiser = type("Denoiser", (), {"p": object(), "step": 0})()
+    x = torch.zeros(2, 4, 8, 8)
+    params = CFGDenoiserParams(x, torch.zeros(2, 5, 1, 1), torch.ones(2), 0, 8,
+                               torch.zeros(1, 77, 32), torch.zeros(1, 77, 32), denoiser)
+    guidance.on_cfg_denoiser(params)
+    assert params.x is x and guidance._call is None
+
+
+def test_callbacks_are_removed_when_sampling_raises():
+    class Boom(RuntimeError):
+        pass
+
+    original = shared.sd_model.apply_model
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Boom("the model failed")
+        return original(*args, **kwargs)
+
+    shared.sd_model.apply_model = failing
+    with pytest.raises(Boom):
+        guided({"sampler_name": "Euler", "steps": 6})
+    assert script_callbacks.registered_count() == 0
+    shared.sd_model.apply_model = original
+    # Nothing leaks into the next generation: it equals a fresh one.
+    _, after = guided({"sampler_name": "Euler", "steps": 6})
+    shared.sd_model = TinySD()
+    _, fresh = guided({"sampler_name": "Euler", "steps": 6})
+    assert torch.equal(after, fresh)
+
+
+def test_back_to_back_generations_are_identical():
+    _, a = guided({"sampler_name": "DPM++ 2M", "steps": 6})
+    _, b = guided({"sampler_name": "DPM++ 2M", "steps": 6})
+    assert torch.equal(a, b)
+
+
+def test_no_concept_that_can_act_means_nothing_registered():
+    p_kwargs = {"sampler_name": "Euler", "steps": 6}
+    concepts = [{"prompt": "smiling", "weight": 0.0}, {"prompt": "glasses", "scale": 0.0},
+                {"prompt": "hat", "warmup": 3, "cooldown": 2}]
+    spy = RowSpy()
+    p, ours = h.generate(p_kwargs, h.script_args(concepts, momentum_scale=0.0),
+                         extra_scripts=[(spy, [])])
+    assert torch.equal(ours, unguided(p_kwargs))
+    assert all(rows == 2 for _, rows, _ in spy.calls)
+
+
+def bad_generation(p_kwargs, concepts, message, **settings):
+    with pytest.raises(ValueError, match=message):
+        guided(p_kwargs, concepts, **settings)
+
+
+@pytest.mark.parametrize("concepts, settings, message", [
+    ([{"prompt": "smiling", "threshold": 2.0}], {},
+     r"^Latent Diffusion Guidance: concept 1 \('smiling'\): threshold must be a number in \[0, 1\], got 2.0"),
+    ([{"prompt": ""}, {"prompt": "glasses", "warmup": -3}], {},
+     r"concept 2 \('glasses'\): warmup must be an integer >= 0, got -3"),
+    ([{"prompt": "hat", "direction": "sideways"}], {}, r"concept 1 \('hat'\): direction must be"),
+    ([{"prompt": "hat"}], {"momentum_beta": 1.5}, r"momentum_beta must be a number in \[0, 1\]"),
+])
+def test_bad_settings_stop_the_generation_before_sampling(concepts, settings, message):
+    p = None
+    with pytest.raises(ValueError, match=message):
+        p, _ = guided({"sampler_name": "Euler", "steps": 6}, concepts, **settings)
+    assert p is None and shared.sd_model.unet.training is False
+
+
+@pytest.mark.parametrize("p_kwargs, message", [
+    ({"sampler_name": "DPM fast"}, "the sampler 'DPM fast' is not supported"),
+    ({"sampler_name": "DPM adaptive"}, "the sampler 'DPM adaptive' is not supported"),
+    ({"sampler_name": "Euler", "enable_hr": True, "hr_sampler_name": "DPM fast"},
+     "the sampler 'DPM fast' is not supported"),
+    ({"sampler_name": "Euler", "prompt": "a cat"}, None),
+])
+def test_unsupported_samplers_are_refused_before_sampling(p_kwargs, message):
+    long_concept = [{"prompt": " ".join(f"w{i}" for i in range(80))}]
+    calls = []
+    original = shared.sd_model.apply_model
+    shared.sd_model.apply_model = lambda *a, **k: calls.append(1) or original(*a, **k)
+    expected = message or r"concept 1 \('w0 w1 .*'\) is 154 tokens long, longer than the prompt \(77"
+    with pytest.raises(ValueError, match=expected):
+        guided(dict(p_kwargs, steps=6), long_concept if message is None else CONCEPTS)
+    assert calls == [], "the model ran before the error"
+
+
+@pytest.mark.parametrize("flag, message", [("is_sd3", "SD3 models are not supported"),
+                                           ("cond_stage_key", "instruct-pix2pix edit models")])
+def test_models_we_cannot_guide_are_refused(flag, message):
+    setattr(shared.sd_model, flag, "edit" if flag == "cond_stage_key" else True)
+    with pytest.raises(ValueError, match=message):
+        guided({"sampler_name": "Euler", "steps": 6})
+
+
+def test_ui_returns_the_fixed_argument_layout():
+    from ldg_core.ui_args import ARG_COUNT, default_args
+    script = h.SCRIPT_MODULE.LatentDiffusionGuidanceScript()
+    assert script.title() == "Latent Diffusion Guidance"
+    assert script.show(False) is h.scripts.AlwaysVisible
+    for is_img2img in (False, True):
+        components = script.ui(is_img2img)
+        assert len(components) == ARG_COUNT
+        assert [c.value for c in components] == default_args()
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_refiner_switch_mid_sampling_reencodes_the_concepts(sampler):
+    base = shared.sd_model
+    refiner = TinySD(seed=1, name="refiner")
+    p_kwargs = {"sampler_name": sampler, "steps": 8, "refiner_model": refiner,
+                "refiner_switch_at": 0.5}
+    ours = guided(p_kwargs)[1]
+    shared.sd_model = base
+    expected = referenced(p_kwargs)
+    shared.sd_model = base
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)

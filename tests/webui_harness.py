@@ -1,0 +1,49 @@
+"""Runs the extension's script inside the WebUI test double (tests/webui_double)."""
+import importlib.util
+import os
+import sys
+
+import torch
+
+DOUBLE = os.path.join(os.path.dirname(__file__), "webui_double")
+ROOT = os.path.dirname(os.path.dirname(__file__))
+if DOUBLE not in sys.path:
+    sys.path.insert(0, DOUBLE)
+
+from modules import processing, script_callbacks, scripts, shared  # noqa: E402
+
+from ldg_core.ui_args import GLOBAL_FIELDS, SLOT_FIELDS, default_args  # noqa: E402
+
+
+def load_script_module():
+    """Executes scripts/latent_diffusion_guidance.py as the WebUI does (a fresh module)."""
+    path = os.path.join(ROOT, "scripts", "latent_diffusion_guidance.py")
+    spec = importlib.util.spec_from_file_location("latent_diffusion_guidance", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT_MODULE = load_script_module()
+
+
+def script_args(concepts=(), enabled=True, momentum_scale=0.1, momentum_beta=0.4):
+    """The positional args ui() would give: concepts is a list of dicts of slot fields."""
+    args = default_args()
+    args[:len(GLOBAL_FIELDS)] = [enabled, momentum_scale, momentum_beta]
+    for slot, fields in enumerate(concepts):
+        start = len(GLOBAL_FIELDS) + slot * len(SLOT_FIELDS)
+        for key, value in fields.items():
+            args[start + SLOT_FIELDS.index(key)] = value
+    return args
+
+
+def generate(p_kwargs, args=None, extra_scripts=()):
+    """One generation with our script (args None: the extension is not installed at all)."""
+    p = processing.Processing(**p_kwargs)
+    entries = [] if args is None else [(SCRIPT_MODULE.LatentDiffusionGuidanceScript(), args)]
+    runner = scripts.ScriptRunner(entries + list(extra_scripts))
+    torch.manual_seed(1234)  # the samplers' own noise (ancestral, SDE)
+    latents = processing.process_images(p, runner)
+    assert not runner.reported, runner.reported
+    return p, latents
