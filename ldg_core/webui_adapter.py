@@ -178,13 +178,14 @@ class PassGuidance:
     def _add_concept_rows(self, params, call_number: int) -> None:
         call = self._call
         k, b = len(call.needed), call.images
-        chosen = [self.schedules[i] for i in call.needed]
-        conds = self.webui.reconstruct_cond_batch(chosen, call_number)  # one row per concept
-        conds = self._pad_to(conds, token_count(params.text_cond))
-        if conds is None:
-            self._call = None
-            return
-        rows = [_rows_of(_row(conds, i), b) for i in range(k)]
+        tokens = token_count(params.text_cond)
+        rows = []
+        for index in call.needed:  # one by one: concepts may differ in length
+            cond = self.webui.reconstruct_cond_batch([self.schedules[index]], call_number)
+            cond = self._pad_to(cond, tokens)
+            if cond is None:
+                return
+            rows.append(_rows_of(cond, b))
         params.text_cond = self.webui.catenate_conds([params.text_cond] + rows)
         if isinstance(rows[0], dict) and not isinstance(params.text_cond, type(rows[0])):
             params.text_cond = type(rows[0])(params.text_cond)  # keep DictWithShape
@@ -215,12 +216,6 @@ class PassGuidance:
         self._call = None
         log.error("Latent Diffusion Guidance stops guiding this pass: %s.", why)
         return None
-
-
-def _row(cond: Any, i: int) -> Any:
-    if isinstance(cond, dict):
-        return type(cond)({k: v[i:i + 1] for k, v in cond.items()})
-    return cond[i:i + 1]
 
 
 def _per_image(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -354,3 +354,10 @@ def test_refiner_switch_mid_sampling_reencodes_the_concepts(sampler):
     expected = referenced(p_kwargs)
     shared.sd_model = base
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_concepts_of_different_lengths_under_a_long_prompt():
+    prompt = " ".join(f"w{i}" for i in range(160))  # three chunks
+    concepts = [{"prompt": "smiling", "scale": 30.0, "warmup": 0},
+                {"prompt": " ".join(f"c{i}" for i in range(80)), "scale": 30.0, "warmup": 0}]
+    assert_guided_as_reference({"sampler_name": "Euler", "steps": 6, "prompt": prompt}, concepts)
