@@ -361,3 +361,39 @@ def test_concepts_of_different_lengths_under_a_long_prompt():
     concepts = [{"prompt": "smiling", "scale": 30.0, "warmup": 0},
                 {"prompt": " ".join(f"c{i}" for i in range(80)), "scale": 30.0, "warmup": 0}]
     assert_guided_as_reference({"sampler_name": "Euler", "steps": 6, "prompt": prompt}, concepts)
+
+
+def test_interrupting_a_generation_removes_the_callbacks():
+    # Interrupt / Skip: the sampler returns early and the WebUI goes on to the next batch.
+    original, calls = shared.sd_model.apply_model, []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        shared.state.interrupted = len(calls) >= 3
+        return original(*args, **kwargs)
+
+    shared.sd_model.apply_model = interrupting
+    try:
+        guided({"sampler_name": "Euler", "steps": 6, "n_iter": 2})
+    finally:
+        shared.state.interrupted = False
+    assert script_callbacks.registered_count() == 0
+
+
+def test_rows_are_added_only_for_concepts_that_can_act():
+    concepts = [{"prompt": "smiling", "warmup": 2, "cooldown": 5},
+                {"prompt": "glasses", "warmup": 4}]
+    spy = RowSpy()
+    h.generate({"sampler_name": "Euler", "steps": 8}, h.script_args(concepts, momentum_scale=0.0),
+               extra_scripts=[(spy, [])])
+    # 1 prompt row + 1 uncond row, + smiling at steps 2-4, + glasses from step 4.
+    assert [rows for _, rows, _ in spy.calls] == [2, 2, 3, 3, 4, 3, 3, 3]
+
+
+def test_concept_conditioning_is_encoded_once_for_all_batches():
+    model, encoded = shared.sd_model, []
+    original = model.get_learned_conditioning
+    model.get_learned_conditioning = lambda texts: encoded.append(list(texts)) or original(texts)
+    guided({"sampler_name": "Euler", "steps": 4, "n_iter": 3})
+    concept_encodings = [t for t in encoded if "smiling woman" in t]
+    assert concept_encodings == [["smiling woman"]]

@@ -34,7 +34,8 @@ class Processing:
     # conditioning ------------------------------------------------------------------------
     def get_conds_with_caching(self, function, required_prompts, steps, caches, extra_network_data, hires_steps=None):
         cached_params = (tuple(required_prompts), required_prompts.width, required_prompts.height,
-                         steps, hires_steps, id(shared.sd_model), shared.opts.use_old_scheduling)
+                         steps, hires_steps, id(shared.sd_model), shared.sd_model.sd_checkpoint_info,
+                         shared.sd_model.salt, shared.sd_model.is_sdxl, shared.opts.use_old_scheduling)
         for cache in caches:
             if cache[0] is not None and cached_params == cache[0]:
                 return cache[1]

@@ -100,6 +100,9 @@ class CFGDenoiser(torch.nn.Module):
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         opts, state = shared.opts, shared.state
+        if state.interrupted or state.skipped:
+            from modules.sd_samplers_common import InterruptedException
+            raise InterruptedException
         if self.apply_refiner():
             cond = self.sampler.sampler_extra_args['cond']
             uncond = self.sampler.sampler_extra_args['uncond']

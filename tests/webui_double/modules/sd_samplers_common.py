@@ -35,8 +35,10 @@ class Sampler:
         self.model_wrap_cfg = None
         self.sampler_extra_args = None
         self.step_reports = []  # the i of every callback, for the tests
+        self.last_latent = None
 
     def callback_state(self, d):
+        self.last_latent = d["denoised"]
         self.step_reports.append(d["i"])
         shared.state.sampling_step = d["i"]
 
@@ -48,7 +50,13 @@ class Sampler:
         try:
             return func()
         except InterruptedException:
-            return None
+            return self.last_latent
+
+    def _args(self, p, conditioning, unconditional_conditioning, image_conditioning):
+        self.sampler_extra_args = {'cond': conditioning, 'image_cond': image_conditioning,
+                                   'uncond': unconditional_conditioning, 'cond_scale': p.cfg_scale,
+                                   's_min_uncond': self.s_min_uncond}
+        return self.sampler_extra_args
 
     def initialize(self, p):
         self.p = p

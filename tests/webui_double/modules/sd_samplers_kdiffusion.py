@@ -73,17 +73,12 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
             kwargs['solver_type'] = 'heun'
         return kwargs
 
-    def _args(self, p, conditioning, unconditional_conditioning, image_conditioning):
-        self.sampler_extra_args = {'cond': conditioning, 'image_cond': image_conditioning,
-                                   'uncond': unconditional_conditioning, 'cond_scale': p.cfg_scale,
-                                   's_min_uncond': self.s_min_uncond}
-        return self.sampler_extra_args
-
     def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps, t_enc = sd_samplers_common.setup_img2img_steps(p, steps)
         sigmas = self.get_sigmas(p, steps)
         sigma_sched = sigmas[steps - t_enc - 1:]
         xi = x + noise * sigma_sched[0]
+        self.last_latent = x
         kwargs = self._kwargs(p, sigma_sched, x, sigmas, img2img=True)
         self.model_wrap_cfg.init_latent = x
         args = self._args(p, conditioning, unconditional_conditioning, image_conditioning)
@@ -93,6 +88,7 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
         steps = steps or p.steps
         sigmas = self.get_sigmas(p, steps)
         x = x * sigmas[0]
+        self.last_latent = x
         kwargs = self._kwargs(p, sigmas, x, sigmas, img2img=False)
         if 'n' in kwargs:
             kwargs['n'] = steps

@@ -9,12 +9,16 @@ import torch
 from modules import sd_samplers_cfg_denoiser, sd_samplers_common, shared
 
 
-@torch.no_grad()
-def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None, eta=0.0):
+def _alphas(model, timesteps):
     alphas_cumprod = model.inner_model.inner_model.alphas_cumprod
     alphas = alphas_cumprod[timesteps]
     alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(torch.float64)
-    sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
+    return alphas, alphas_prev, torch.sqrt(1 - alphas)
+
+
+@torch.no_grad()
+def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None, eta=0.0):
+    alphas, alphas_prev, sqrt_one_minus_alphas = _alphas(model, timesteps)
     s_in, s_x = x.new_ones((x.shape[0])), x.new_ones((x.shape[0], 1, 1, 1))
     for i in range(len(timesteps) - 1):
         index = len(timesteps) - 1 - i
@@ -31,10 +35,7 @@ def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None, eta=
 
 @torch.no_grad()
 def ddim_cfgpp(model, x, timesteps, extra_args=None, callback=None, disable=None, eta=0.0):
-    alphas_cumprod = model.inner_model.inner_model.alphas_cumprod
-    alphas = alphas_cumprod[timesteps]
-    alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(torch.float64)
-    sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
+    alphas, alphas_prev, sqrt_one_minus_alphas = _alphas(model, timesteps)
     model.cond_scale_miltiplier = 1 / 12.5
     model.need_last_noise_uncond = True
     s_in, s_x = x.new_ones((x.shape[0])), x.new_ones((x.shape[0], 1, 1, 1))
@@ -79,10 +80,7 @@ def unipc(model, x, timesteps, extra_args=None, callback=None, disable=None, is_
 
 @torch.no_grad()
 def plms(model, x, timesteps, extra_args=None, callback=None, disable=None):
-    alphas_cumprod = model.inner_model.inner_model.alphas_cumprod
-    alphas = alphas_cumprod[timesteps]
-    alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(torch.float64)
-    sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
+    alphas, alphas_prev, sqrt_one_minus_alphas = _alphas(model, timesteps)
     s_in, s_x = x.new_ones([x.shape[0]]), x.new_ones((x.shape[0], 1, 1, 1))
     old_eps = []
 
@@ -159,12 +157,6 @@ class CompVisSampler(sd_samplers_common.Sampler):
     def get_timesteps(self, p, steps):
         return torch.clip(torch.asarray(list(range(0, 1000, 1000 // steps))) + 1, 0, 999)
 
-    def _args(self, p, conditioning, unconditional_conditioning, image_conditioning):
-        self.sampler_extra_args = {'cond': conditioning, 'image_cond': image_conditioning,
-                                   'uncond': unconditional_conditioning, 'cond_scale': p.cfg_scale,
-                                   's_min_uncond': self.s_min_uncond}
-        return self.sampler_extra_args
-
     def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps, t_enc = sd_samplers_common.setup_img2img_steps(p, steps)
         timesteps = self.get_timesteps(p, steps)
@@ -173,6 +165,7 @@ class CompVisSampler(sd_samplers_common.Sampler):
         xi = x * torch.sqrt(a) + noise * torch.sqrt(1 - a)
         self.initialize(p)
         self.model_wrap_cfg.init_latent = x
+        self.last_latent = x
         args = self._args(p, conditioning, unconditional_conditioning, image_conditioning)
         extra = {'is_img2img': True} if self.func is unipc else {}
         return self.launch_sampling(t_enc + 1, lambda: self.func(self.model_wrap_cfg, xi, timesteps=timesteps_sched, extra_args=args, disable=True, callback=self.callback_state, **extra))
@@ -181,5 +174,6 @@ class CompVisSampler(sd_samplers_common.Sampler):
         steps = steps or p.steps
         timesteps = self.get_timesteps(p, steps)
         self.initialize(p)
+        self.last_latent = x
         args = self._args(p, conditioning, unconditional_conditioning, image_conditioning)
         return self.launch_sampling(steps, lambda: self.func(self.model_wrap_cfg, x, timesteps=timesteps, extra_args=args, disable=True, callback=self.callback_state))
