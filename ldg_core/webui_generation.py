@@ -121,6 +121,9 @@ class Generation:
             return self._refuse_pass(error)
         except ValueError as error:
             return self._refuse_pass(GuidanceError(str(error)))
+        except Exception as error:  # better no image and a message than an unguided image
+            log.exception("Latent Diffusion Guidance could not set up this pass")
+            return self._refuse_pass(GuidanceError(f"could not set up guidance: {error!r}"))
         repeats = [len(rows) for rows in c.batch]
         first_rows = [0] + list(itertools.accumulate(repeats))[:-1]
         self.current = PassGuidance(

@@ -397,3 +397,17 @@ def test_concept_conditioning_is_encoded_once_for_all_batches():
     guided({"sampler_name": "Euler", "steps": 4, "n_iter": 3})
     concept_encodings = [t for t in encoded if "smiling woman" in t]
     assert concept_encodings == [["smiling woman"]]
+
+
+def test_an_unexpected_failure_while_setting_up_stops_the_generation():
+    model = shared.sd_model
+    original = model.get_learned_conditioning
+
+    def encode(texts):
+        if "boom" in texts:
+            raise RuntimeError("text encoder failed")
+        return original(texts)
+
+    model.get_learned_conditioning = encode
+    with pytest.raises(ValueError, match=r"could not set up guidance: RuntimeError\('text encoder failed'\)"):
+        guided({"sampler_name": "Euler", "steps": 4}, [{"prompt": "boom"}])
