@@ -9,6 +9,9 @@ and lets callbacks change them. For each call this adapter
   2. on_cfg_denoised: reads those rows back, turns them into eps and asks SemanticGuidance
      for the edit;
   3. on_cfg_after_cfg: adds the edit to the combined result, in the sampler's own space.
+Where added rows cannot be used (a concept longer than the prompt rows), the concept rows are
+evaluated instead in a separate call of the same inner model from on_cfg_denoised: the same
+inputs, so the same estimates, for one extra model call per step.
 Nothing of the WebUI is imported here: what is needed of it comes in as `WebUIFunctions`.
 """
 
@@ -83,6 +86,7 @@ class WebUIFunctions:
     pad_cond: Callable[[Any, int, torch.Tensor], Any]  # sd_samplers_cfg_denoiser.pad_cond
     empty_cond: Callable[[], torch.Tensor]  # the model's cond_stage_model_empty_prompt
     skips_uncond: Callable[[Any, torch.Tensor], bool]  # (denoiser, sigma): uncond skipped?
+    condition: Callable[[Any, torch.Tensor], dict]  # the inner model's cond (make_condition_dict)
 
 
 def token_count(cond: Any) -> int:
@@ -105,6 +109,8 @@ class _Call:
     x: torch.Tensor  # the images' x and sigma (the uncond rows' inputs)
     sigma: torch.Tensor
     denoiser: Any
+    image_cond: Optional[torch.Tensor] = None  # kept for a separate call
+    tokens: int = 0  # the prompt rows' token length
     edit: Optional[torch.Tensor] = None
 
 
@@ -113,8 +119,9 @@ class PassGuidance:
 
     def __init__(self, config: GuidanceConfig, *, clock: StepClock, owner: Any,
                  concept_schedules: Sequence[Any], first_prompt_rows: Sequence[int],
-                 eps_outputs: bool, webui: WebUIFunctions):
+                 eps_outputs: bool, webui: WebUIFunctions, separate_call: bool = False):
         self.guidance = SemanticGuidance(config)
+        self.separate_call = separate_call
         self.clock = clock
         self.owner = owner  # the processing object our script set up; other passes are left alone
         self.schedules = list(concept_schedules)  # per concept, as get_learned_conditioning gives
@@ -146,8 +153,8 @@ class PassGuidance:
         index = self.clock.index(denoiser.step)
         needed = self.guidance.needed(index)
         self._call = _Call(index, needed, prompt_rows, images, params.x[-images:], sigma_images,
-                           denoiser)
-        if needed:
+                           denoiser, params.image_cond[-images:], token_count(params.text_cond))
+        if needed and not self.separate_call:
             self._add_concept_rows(params, denoiser.step)
 
     def on_cfg_denoised(self, params) -> None:
@@ -158,7 +165,10 @@ class PassGuidance:
         uncond = self._to_eps(out[-b:], call)
         cond = self._to_eps(out[self.first_prompt_rows], call)
         concepts = None
-        if k:
+        if k and self.separate_call:
+            concepts = torch.stack([self._to_eps(self._evaluate(params.inner_model, i), call)
+                                    for i in call.needed])
+        elif k:
             rows = out[call.prompt_rows:call.prompt_rows + k * b]
             concepts = self._to_eps(rows, call, repeats=k).view(k, *uncond.shape)
         call.edit = self.guidance.step(step=call.index, uncond=uncond, cond=cond, concepts=concepts)
@@ -192,6 +202,15 @@ class PassGuidance:
         params.x = _insert_before_last(params.x, b, k)
         params.sigma = _insert_before_last(params.sigma, b, k)
         params.image_cond = _insert_before_last(params.image_cond, b, k)
+
+    def _evaluate(self, inner_model, index: int) -> torch.Tensor:
+        """One concept's rows in a model call of their own, with the uncond rows' inputs."""
+        call = self._call
+        cond = self.webui.reconstruct_cond_batch([self.schedules[index]], call.denoiser.step)
+        if token_count(cond) < call.tokens:  # padded as in the prompt rows' call
+            cond = self._pad_to(cond, call.tokens)
+        condition = self.webui.condition(_rows_of(cond, call.images), call.image_cond)
+        return inner_model(call.x, call.sigma, cond=condition)
 
     def _pad_to(self, conds: Any, tokens: int) -> Any:
         have = token_count(conds)

@@ -19,6 +19,7 @@ from .webui_adapter import (REFUSED_SAMPLERS, PassGuidance, WebUIFunctions, can_
 log = logging.getLogger("latent_diffusion_guidance")
 
 INFOTEXT_KEY = "Latent Diffusion Guidance"
+SEPARATE_CALL_KEY = "Latent Diffusion Guidance rows"
 _ATTRIBUTE = "latent_diffusion_guidance"  # where a processing object keeps its Generation
 
 
@@ -116,7 +117,7 @@ class Generation:
                                second_order=sampler.config.options.get("second_order", False),
                                img2img_schedule=schedule)
             conds = self._encode()
-            self._check_lengths(c, conds)
+            separate = self._separate_call_needed(c, conds)
         except GuidanceError as error:
             return self._refuse_pass(error)
         except ValueError as error:
@@ -128,7 +129,8 @@ class Generation:
         first_rows = [0] + list(itertools.accumulate(repeats))[:-1]
         self.current = PassGuidance(
             self.config, clock=clock, owner=p, concept_schedules=conds,
-            first_prompt_rows=first_rows, eps_outputs=timesteps, webui=self._functions())
+            first_prompt_rows=first_rows, eps_outputs=timesteps, webui=self._functions(),
+            separate_call=separate)
         if can_act(self.config, clock.offset, steps):
             self.register()
         else:
@@ -163,17 +165,21 @@ class Generation:
         return p.get_conds_with_caching(m.prompt_parser.get_learned_conditioning, texts, steps,
                                         [self.cache], p.extra_network_data, hires_steps)
 
-    def _check_lengths(self, c: Any, conds: list) -> None:
+    def _separate_call_needed(self, c: Any, conds: list) -> bool:
+        """Concept rows join the prompt rows' call only if padding makes them as long: a
+        concept longer than the prompt is evaluated in a call of its own instead (padding
+        the prompt would change the image itself). Said once, and in the image parameters."""
         prompt_tokens = min(token_count(s.cond) for rows in c.batch for row in rows
                             for s in row.schedules)
-        for index, schedule in enumerate(conds):
-            tokens = max(token_count(s.cond) for s in schedule)
-            if tokens > prompt_tokens:
-                concept = self.config.concepts[index]
-                raise GuidanceError(
-                    f"concept {index + 1} ({concept.prompt!r}) is {tokens} tokens long, longer "
-                    f"than the prompt ({prompt_tokens} tokens); shorten the concept or lengthen "
-                    "the prompt (for example with BREAK)")
+        longer = [i + 1 for i, schedule in enumerate(conds)
+                  if max(token_count(s.cond) for s in schedule) > prompt_tokens]
+        if longer:
+            if SEPARATE_CALL_KEY not in self.p.extra_generation_params:
+                log.info("Latent Diffusion Guidance: concept %s is longer than the prompt (%d "
+                         "tokens); concepts are evaluated in a separate model call.",
+                         ", ".join(map(str, longer)), prompt_tokens)
+            self.p.extra_generation_params[SEPARATE_CALL_KEY] = "separate call"
+        return bool(longer)
 
     def _functions(self) -> WebUIFunctions:
         m = self.m
@@ -182,7 +188,16 @@ class Generation:
             catenate_conds=m.sd_samplers_cfg_denoiser.catenate_conds,
             pad_cond=m.sd_samplers_cfg_denoiser.pad_cond,
             empty_cond=lambda: m.shared.sd_model.cond_stage_model_empty_prompt,
-            skips_uncond=self._skips_uncond)
+            skips_uncond=self._skips_uncond, condition=self._condition)
+
+    def _condition(self, cond: Any, image_cond: Any) -> dict:
+        """The inner model's conditioning for rows that use the uncond rows' image_cond, as
+        the WebUI's make_condition_dict builds it (sd_samplers_cfg_denoiser.py L193-201)."""
+        if getattr(self.m.shared.sd_model.model, "conditioning_key", None) == "crossattn-adm":
+            return {"c_crossattn": [cond], "c_adm": image_cond}
+        if isinstance(cond, dict):
+            return {**cond, "c_concat": [image_cond]}
+        return {"c_crossattn": [cond], "c_concat": [image_cond]}
 
     def _skips_uncond(self, denoiser: Any, sigma: Any) -> bool:
         """The WebUI's own rule (sd_samplers_cfg_denoiser.py L219-224)."""

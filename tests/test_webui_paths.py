@@ -311,17 +311,38 @@ def test_bad_settings_stop_the_generation_before_sampling(concepts, settings, me
     ({"sampler_name": "DPM adaptive"}, "the sampler 'DPM adaptive' is not supported"),
     ({"sampler_name": "Euler", "enable_hr": True, "hr_sampler_name": "DPM fast"},
      "the sampler 'DPM fast' is not supported"),
-    ({"sampler_name": "Euler", "prompt": "a cat"}, None),
 ])
 def test_unsupported_samplers_are_refused_before_sampling(p_kwargs, message):
-    long_concept = [{"prompt": " ".join(f"w{i}" for i in range(80))}]
     calls = []
     original = shared.sd_model.apply_model
     shared.sd_model.apply_model = lambda *a, **k: calls.append(1) or original(*a, **k)
-    expected = message or r"concept 1 \('w0 w1 .*'\) is 154 tokens long, longer than the prompt \(77"
-    with pytest.raises(ValueError, match=expected):
-        guided(dict(p_kwargs, steps=6), long_concept if message is None else CONCEPTS)
+    with pytest.raises(ValueError, match=message):
+        guided(dict(p_kwargs, steps=6))
     assert calls == [], "the model ran before the error"
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Heun", "DDIM"])
+def test_a_concept_longer_than_the_prompt_is_evaluated_in_a_separate_call(sampler):
+    long_concept = {"prompt": " ".join(f"w{i}" for i in range(80)), "scale": 30.0, "warmup": 1}
+    concepts = [long_concept, CONCEPTS[0]]
+    spy = RowSpy()
+    p, _ = h.generate({"sampler_name": sampler, "steps": 6}, h.script_args(concepts),
+                      extra_scripts=[(spy, [])])
+    assert all(rows == 2 for _, rows, _ in spy.calls)  # nothing added to the prompt's call
+    assert p.extra_generation_params["Latent Diffusion Guidance rows"] == "separate call"
+    assert_guided_as_reference({"sampler_name": sampler, "steps": 6}, concepts)
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "DDIM"])
+@pytest.mark.parametrize("p_extra", [{}, {"prompt": " ".join(f"w{i}" for i in range(80)),
+                                          "batch_size": 2}])
+def test_a_separate_call_gives_the_same_result_as_added_rows(sampler, p_extra, monkeypatch):
+    p_kwargs = dict({"sampler_name": sampler, "steps": 6}, **p_extra)
+    same_call = guided(p_kwargs)[1]
+    monkeypatch.setattr("ldg_core.webui_generation.Generation._separate_call_needed",
+                        lambda self, c, conds: True)
+    separate = guided(p_kwargs)[1]
+    torch.testing.assert_close(separate, same_call, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("flag, message", [("is_sd3", "SD3 models are not supported"),
