@@ -109,32 +109,34 @@ class Generation:
 
     def start_pass(self, c: Any) -> None:
         """From process_before_every_sampling: the first pass, or the hires pass, begins."""
-        p, sampler = self.p, self.p.sampler
-        timesteps = isinstance(sampler, self.m.sd_samplers_timesteps.CompVisSampler)
-        steps, schedule = self._schedule()
         try:
-            clock = step_clock(sampler.config.name, timestep_sampler=timesteps,
-                               second_order=sampler.config.options.get("second_order", False),
-                               img2img_schedule=schedule)
-            conds = self._encode()
-            separate = self._separate_call_needed(c, conds)
-        except GuidanceError as error:
-            return self._refuse_pass(error)
-        except ValueError as error:
+            guidance, steps = self._new_pass(c)
+        except Exception as error:  # no image and a message, rather than an unguided image
+            if not isinstance(error, ValueError):
+                log.exception("Latent Diffusion Guidance could not set up this pass")
+                error = f"could not set up guidance: {error!r}"
             return self._refuse_pass(GuidanceError(str(error)))
-        except Exception as error:  # better no image and a message than an unguided image
-            log.exception("Latent Diffusion Guidance could not set up this pass")
-            return self._refuse_pass(GuidanceError(f"could not set up guidance: {error!r}"))
-        repeats = [len(rows) for rows in c.batch]
-        first_rows = [0] + list(itertools.accumulate(repeats))[:-1]
-        self.current = PassGuidance(
-            self.config, clock=clock, owner=p, concept_schedules=conds,
-            first_prompt_rows=first_rows, eps_outputs=timesteps, webui=self._functions(),
-            separate_call=separate)
-        if can_act(self.config, clock.offset, steps):
+        self.current = guidance
+        if can_act(self.config, guidance.clock.offset, steps):
             self.register()
         else:
             self.unregister()
+
+    def _new_pass(self, c: Any):
+        p, sampler = self.p, self.p.sampler
+        timesteps = isinstance(sampler, self.m.sd_samplers_timesteps.CompVisSampler)
+        steps, schedule = self._schedule()
+        clock = step_clock(sampler.config.name, timestep_sampler=timesteps,
+                           second_order=sampler.config.options.get("second_order", False),
+                           img2img_schedule=schedule)
+        conds = self._encode()
+        repeats = [len(rows) for rows in c.batch]
+        guidance = PassGuidance(
+            self.config, clock=clock, owner=p, concept_schedules=conds,
+            first_prompt_rows=[0] + list(itertools.accumulate(repeats))[:-1],
+            eps_outputs=timesteps, webui=self._functions(),
+            separate_call=self._separate_call_needed(c, conds))
+        return guidance, steps
 
     def _schedule(self):
         """(steps of the full schedule, img2img (steps, t_enc) or None) for the coming pass."""
