@@ -152,6 +152,10 @@ class PassGuidance:
             return  # the WebUI drops CFG at this step; without an uncond there is no direction
         index = self.clock.index(denoiser.step)
         needed = self.guidance.needed(index)
+        if _is_marked(token_count(params.text_cond), self.webui.empty_cond()):
+            # ControlNet caches per-row state at the first call's row count (hook.py
+            # L547, L700-708): keep every concept's rows at every call of the pass.
+            needed = tuple(range(len(self.guidance.config.concepts)))
         self._call = _Call(index, needed, prompt_rows, images, params.x[-images:], sigma_images,
                            denoiser, params.image_cond[-images:], token_count(params.text_cond))
         if needed and not self.separate_call:
@@ -213,10 +217,12 @@ class PassGuidance:
         return inner_model(call.x, call.sigma, cond=condition)
 
     def _pad_to(self, conds: Any, tokens: int) -> Any:
+        empty = self.webui.empty_cond()
+        if _is_marked(tokens, empty) and not _is_marked(token_count(conds), empty):
+            conds = _with_uncond_mark(conds)
         have = token_count(conds)
         if have == tokens:
             return conds
-        empty = self.webui.empty_cond()
         repeats, rest = divmod(tokens - have, empty.shape[-2])
         if have > tokens or rest:
             return self._fail(f"a concept has {have} tokens and the prompt {tokens}: concept rows "
@@ -235,6 +241,23 @@ class PassGuidance:
         self._call = None
         log.error("Latent Diffusion Guidance stops guiding this pass: %s.", why)
         return None
+
+
+# ControlNet marks every prompt conditioning with one extra leading token filled with +1024
+# (cond) or -1024 (uncond) so its UNet hook can tell rows apart (sd-webui-controlnet
+# scripts/hook.py L22-24, L36-74). Concept rows get the uncond mark: a concept estimate must
+# differ from the uncond estimate only by its text, so control acts on both alike.
+UNCOND_MARK = -1024.0
+
+
+def _is_marked(tokens: int, empty: torch.Tensor) -> bool:
+    return tokens % empty.shape[-2] == 1
+
+
+def _with_uncond_mark(cond: Any) -> Any:
+    if isinstance(cond, dict):  # SDXL: only the cross-attention context is marked
+        return type(cond)({**cond, "crossattn": _with_uncond_mark(cond["crossattn"])})
+    return torch.cat([torch.zeros_like(cond[:, :1]) + UNCOND_MARK, cond], dim=1)
 
 
 def _per_image(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,9 @@ log = logging.getLogger("latent_diffusion_guidance")
 
 INFOTEXT_KEY = "Latent Diffusion Guidance"
 SEPARATE_CALL_KEY = "Latent Diffusion Guidance rows"
+# Image parameters by which neighbours that read the CFG denoiser's rows announce themselves.
+ROW_READING_EXTENSIONS = {"Dynamic thresholding enabled": "Dynamic Thresholding",
+                          "RP Active": "Regional Prompter"}
 _ATTRIBUTE = "latent_diffusion_guidance"  # where a processing object keeps its Generation
 
 
@@ -168,20 +171,32 @@ class Generation:
                                         [self.cache], p.extra_network_data, hires_steps)
 
     def _separate_call_needed(self, c: Any, conds: list) -> bool:
-        """Concept rows join the prompt rows' call only if padding makes them as long: a
-        concept longer than the prompt is evaluated in a call of its own instead (padding
-        the prompt would change the image itself). Said once, and in the image parameters."""
+        """Whether concept rows must be evaluated in a call of their own rather than join the
+        prompt rows' call. Said once, and written into the image parameters."""
+        reasons = self._separate_call_reasons(c, conds)
+        if reasons:
+            if SEPARATE_CALL_KEY not in self.p.extra_generation_params:
+                log.info("Latent Diffusion Guidance evaluates concepts in a separate model call: "
+                         "%s.", "; ".join(reasons))
+            self.p.extra_generation_params[SEPARATE_CALL_KEY] = "separate call"
+        return bool(reasons)
+
+    def _separate_call_reasons(self, c: Any, conds: list) -> List[str]:
+        reasons = []
+        # Padding the prompt rows to a longer concept's length would change the image itself.
         prompt_tokens = min(token_count(s.cond) for rows in c.batch for row in rows
                             for s in row.schedules)
         longer = [i + 1 for i, schedule in enumerate(conds)
                   if max(token_count(s.cond) for s in schedule) > prompt_tokens]
         if longer:
-            if SEPARATE_CALL_KEY not in self.p.extra_generation_params:
-                log.info("Latent Diffusion Guidance: concept %s is longer than the prompt (%d "
-                         "tokens); concepts are evaluated in a separate model call.",
-                         ", ".join(map(str, longer)), prompt_tokens)
-            self.p.extra_generation_params[SEPARATE_CALL_KEY] = "separate call"
-        return bool(longer)
+            reasons.append(f"concept {', '.join(map(str, longer))} is longer than the prompt "
+                           f"({prompt_tokens} tokens)")
+        # Extensions that read every row but the uncond ones, or split rows by position
+        # (../shared/docs/extension-interplay.md): rows of ours would be misread there.
+        for key, name in ROW_READING_EXTENSIONS.items():
+            if self.p.extra_generation_params.get(key):
+                reasons.append(f"{name} reads the model call's rows")
+        return reasons
 
     def _functions(self) -> WebUIFunctions:
         m = self.m

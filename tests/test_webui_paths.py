@@ -432,3 +432,79 @@ def test_an_unexpected_failure_while_setting_up_stops_the_generation():
     model.get_learned_conditioning = encode
     with pytest.raises(ValueError, match=r"could not set up guidance: RuntimeError\('text encoder failed'\)"):
         guided({"sampler_name": "Euler", "steps": 4}, [{"prompt": "boom"}])
+
+
+class AnnouncingNeighbour:
+    """Stands for an extension that reads the CFG rows and says so in the image parameters,
+    as Dynamic Thresholding (process_batch) and Regional Prompter (process) do."""
+    def __init__(self, key):
+        self.key = key
+
+    def process(self, p, *args):
+        p.extra_generation_params[self.key] = True
+
+
+@pytest.mark.parametrize("key", ["Dynamic thresholding enabled", "RP Active"])
+def test_neighbours_that_read_the_rows_get_a_separate_call(key):
+    p_kwargs = {"sampler_name": "Euler", "steps": 6}
+    spy = RowSpy()
+    p, ours = h.generate(p_kwargs, h.script_args(CONCEPTS),
+                         extra_scripts=[(AnnouncingNeighbour(key), []), (spy, [])])
+    assert all(rows == 2 for _, rows, _ in spy.calls)
+    assert p.extra_generation_params["Latent Diffusion Guidance rows"] == "separate call"
+    torch.testing.assert_close(ours, guided(p_kwargs)[1], rtol=1e-5, atol=1e-5)
+
+
+class ControlNetMarks:
+    """A double of ControlNet's prompt marking (sd-webui-controlnet scripts/hook.py L22-112):
+    it wraps p.sample to prepend a +1024 token to every prompt conditioning and -1024 to every
+    negative one, and its UNet hook strips that token, noting each row's mark."""
+    def __init__(self):
+        self.row_marks = []  # per model call: the mark of each row
+
+    @staticmethod
+    def _mark(conditioning, value):
+        from modules.prompt_parser import ScheduledPromptConditioning
+        schedules = ([row.schedules for rows in conditioning.batch for row in rows]
+                     if hasattr(conditioning, "batch") else conditioning)
+        for schedule in schedules:
+            for i, entry in enumerate(schedule):
+                if entry.cond.shape[0] % 77 == 1:
+                    continue  # already marked
+                mark = torch.zeros_like(entry.cond[:1]) + value
+                schedule[i] = ScheduledPromptConditioning(entry.end_at_step, torch.cat([mark, entry.cond]))
+
+    def process(self, p, *args):
+        sample = p.sample
+
+        def process_sample(*a, **kw):
+            self._mark(kw["conditioning"], 1024.0)
+            self._mark(kw["unconditional_conditioning"], -1024.0)
+            return sample(*a, **kw)
+        p.sample = process_sample
+        model = self.model = shared.sd_model
+        self.apply_model = model.apply_model
+
+        def apply_model(x, t, cond):
+            context = cond["c_crossattn"][0]
+            if context.shape[1] % 77 == 1:
+                self.row_marks.append(context[:, 0, 0].tolist())
+                cond = {**cond, "c_crossattn": [context[:, 1:]]}
+            return self.apply_model(x, t, cond)
+        model.apply_model = apply_model
+
+    def postprocess(self, p, processed, *args):
+        self.model.apply_model = self.apply_model
+
+
+def test_controlnet_marks_concept_rows_as_uncond_and_rows_stay_constant():
+    p_kwargs = {"sampler_name": "Euler", "steps": 6, "batch_size": 2}
+    marks = ControlNetMarks()
+    p, ours = h.generate(p_kwargs, h.script_args(CONCEPTS), extra_scripts=[(marks, [])])
+    # Every call: 2 prompt rows, 2 x 2 concept rows (all concepts, also where one is not
+    # needed: ControlNet caches per-row state at the first call's row count), 2 uncond rows.
+    assert [len(m) for m in marks.row_marks] == [8] * 6
+    assert all(m == [1024.0] * 2 + [-1024.0] * 6 for m in marks.row_marks)
+    reference = ReferenceGuidance(config_of(CONCEPTS))
+    expected = h.generate(p_kwargs, None, extra_scripts=[(ControlNetMarks(), []), (reference, [])])[1]
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)

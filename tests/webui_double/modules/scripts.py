@@ -26,7 +26,7 @@ class ScriptRunner:
     def process_before_every_sampling(self, p, **kwargs):
         for script, args in self.entries:
             try:
-                script.process_before_every_sampling(p, *args, **kwargs)
+                getattr(script, "process_before_every_sampling", lambda *a, **k: None)(p, *args, **kwargs)
             except Exception as error:
                 self.reported.append(error)
 
