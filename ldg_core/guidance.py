@@ -28,13 +28,17 @@ def momentum_matters(config: GuidanceConfig) -> bool:
     return config.momentum_scale != 0 and config.momentum_beta != 1
 
 
-def concepts_needed(config: GuidanceConfig, step: int) -> Tuple[int, ...]:
+def concepts_needed(config: GuidanceConfig, step: int,
+                    end_step: Optional[int] = None) -> Tuple[int, ...]:
     """Indices of the concepts whose estimate at `step` can change any edit, in order.
 
     A concept with scale 0 or weight <= 0 adds exactly zero at every step, a cooled one adds
-    nothing, and before its warmup it only feeds the momentum buffer.
+    nothing, and before its warmup it only feeds the momentum buffer. That buffer is applied
+    only once every concept is past its warmup: in a pass that ends (at `end_step`, when
+    known) before then, it never matters.
     """
-    feeds_momentum = momentum_matters(config)
+    full_phase = max((c.warmup for c in config.concepts), default=0)
+    feeds_momentum = momentum_matters(config) and (end_step is None or full_phase < end_step)
     return tuple(
         index for index, c in enumerate(config.concepts)
         if c.scale != 0 and c.weight > 0 and not is_cooled(c, step)
@@ -79,8 +83,8 @@ def _weighted_sum(terms: Mapping[int, torch.Tensor], weights: Mapping[int, float
 
 
 def guidance_step(config: GuidanceConfig, step: int, uncond: torch.Tensor,
-                  estimates: Mapping[int, torch.Tensor],
-                  momentum: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  estimates: Mapping[int, torch.Tensor], momentum: Optional[torch.Tensor],
+                  end_step: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One step of SEGA: (edit, momentum after this step).
 
     `estimates` maps concept index to its estimate and must hold every index of
@@ -88,7 +92,7 @@ def guidance_step(config: GuidanceConfig, step: int, uncond: torch.Tensor,
     of this step (None: zeros, the start of a pass).
     """
     concepts = config.concepts
-    needed = concepts_needed(config, step)
+    needed = concepts_needed(config, step, end_step)
     terms = {i: masked_guidance(estimates[i], uncond, concepts[i]) for i in needed}
     past_warmup = [i for i, c in enumerate(concepts) if step >= c.warmup]
     full_phase = len(past_warmup) == len(concepts)
@@ -125,17 +129,19 @@ class SemanticGuidance:
     The guided estimate is  uncond + guidance_scale * (cond - uncond) + edit.
     """
 
-    def __init__(self, config: GuidanceConfig):
+    def __init__(self, config: GuidanceConfig, *, end_step: Optional[int] = None):
+        """`end_step`: the step the pass ends before, if known; it lets needed() skip more."""
         if not isinstance(config, GuidanceConfig):
             raise ValueError(f"SemanticGuidance needs a GuidanceConfig, got {type(config).__name__}")
         self.config = config
+        self.end_step = end_step
         self._step: Optional[int] = None
         self._momentum: Optional[torch.Tensor] = None  # as of the start of self._step
         self._pending: Optional[torch.Tensor] = None  # after self._step, from its latest call
 
     def needed(self, step: int) -> Tuple[int, ...]:
         """Concept indices whose estimates step() needs at `step`; only these need evaluating."""
-        return concepts_needed(self.config, step)
+        return concepts_needed(self.config, step, self.end_step)
 
     def step(self, *, step: int, uncond: torch.Tensor, cond: torch.Tensor,
              concepts: Estimates) -> torch.Tensor:
@@ -147,7 +153,7 @@ class SemanticGuidance:
         Calls for the same step (two model calls per sampler step) all start from the state
         as of the start of that step; the last one's values carry on to the next step.
         """
-        _check_step(step, self._step)
+        _check_step(step, self._step, self.end_step)
         step = int(step)
         _check_pair(uncond, cond)
         needed = self.needed(step)
@@ -158,13 +164,16 @@ class SemanticGuidance:
             self._step = step
         if self._momentum is not None:
             _check_same_pass(uncond, self._momentum)
-        edit, self._pending = guidance_step(self.config, step, uncond, estimates, self._momentum)
+        edit, self._pending = guidance_step(self.config, step, uncond, estimates, self._momentum,
+                                            self.end_step)
         return edit
 
 
-def _check_step(step: int, current: Optional[int]) -> None:
+def _check_step(step: int, current: Optional[int], end_step: Optional[int]) -> None:
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    if end_step is not None and step >= end_step:
+        raise ValueError(f"step {step} is past the end of this pass (end_step {end_step})")
     if current is not None and step < current:
         raise ValueError(
             f"step {step} came after step {current}: steps must not go back within one "

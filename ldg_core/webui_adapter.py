@@ -119,8 +119,9 @@ class PassGuidance:
 
     def __init__(self, config: GuidanceConfig, *, clock: StepClock, owner: Any,
                  concept_schedules: Sequence[Any], first_prompt_rows: Sequence[int],
-                 eps_outputs: bool, webui: WebUIFunctions, separate_call: bool = False):
-        self.guidance = SemanticGuidance(config)
+                 eps_outputs: bool, webui: WebUIFunctions, separate_call: bool = False,
+                 end_step: Optional[int] = None):
+        self.guidance = SemanticGuidance(config, end_step=end_step)
         self.separate_call = separate_call
         self.clock = clock
         self.owner = owner  # the processing object our script set up; other passes are left alone
@@ -272,4 +273,4 @@ def _insert_before_last(t: torch.Tensor, last: int, repeats: int) -> torch.Tenso
 
 def can_act(config: GuidanceConfig, first_step: int, end_step: int) -> bool:
     """Whether any concept can change any edit in steps [first_step, end_step)."""
-    return any(concepts_needed(config, i) for i in range(first_step, max(end_step, first_step)))
+    return any(concepts_needed(config, i, end_step) for i in range(first_step, end_step))

@@ -138,7 +138,7 @@ class Generation:
             self.config, clock=clock, owner=p, concept_schedules=conds,
             first_prompt_rows=[0] + list(itertools.accumulate(repeats))[:-1],
             eps_outputs=timesteps, webui=self._functions(),
-            separate_call=self._separate_call_needed(c, conds))
+            separate_call=self._separate_call_needed(c, conds), end_step=steps)
         return guidance, steps
 
     def _schedule(self):

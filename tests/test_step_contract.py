@@ -45,7 +45,7 @@ def test_list_of_tensors_is_the_same_as_a_stacked_tensor():
                            listed.step(step=step, uncond=u, cond=t, concepts=list(c)))
 
 
-def everything_needed(config, step):
+def everything_needed(config, step, end_step=None):
     return tuple(range(len(config.concepts)))
 
 
@@ -55,7 +55,8 @@ def test_skipped_estimates_give_bit_identical_edits(seed, monkeypatch):
     steps = rng.randint(2, 12)
     config = random_config(rng, steps)
     calls = [(step, estimates(len(config.concepts), seed * 100 + step)) for step in range(steps)]
-    skipping = SemanticGuidance(config)
+    # Half the cases tell the engine where the pass ends, which lets it skip more.
+    skipping = SemanticGuidance(config, end_step=steps if seed % 2 else None)
     skipped_edits = []
     for step, (u, t, c) in calls:
         needed = list(skipping.needed(step))
@@ -82,6 +83,12 @@ def test_what_is_needed_follows_the_rules():
     stuck = SemanticGuidance(GuidanceConfig(concepts=concepts, momentum_scale=0.1,
                                             momentum_beta=1.0))
     assert stuck.needed(0) == (3,)
+    # A pass that ends before every concept is past its warmup never applies the momentum.
+    short = SemanticGuidance(GuidanceConfig(concepts=concepts, momentum_scale=0.1), end_step=2)
+    assert [short.needed(i) for i in range(2)] == [(3,), (3,)]
+    with pytest.raises(ValueError, match="step 2 is past the end of this pass"):
+        u, t, c = estimates(5, 0)
+        short.step(step=2, uncond=u, cond=t, concepts=c)
 
 
 def test_garbage_in_an_unneeded_estimate_changes_nothing():

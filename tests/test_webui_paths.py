@@ -279,11 +279,12 @@ def test_no_concept_that_can_act_means_nothing_registered():
     p_kwargs = {"sampler_name": "Euler", "steps": 6}
     concepts = [{"prompt": "smiling", "weight": 0.0}, {"prompt": "glasses", "scale": 0.0},
                 {"prompt": "hat", "warmup": 3, "cooldown": 2}]
-    spy = RowSpy()
-    p, ours = h.generate(p_kwargs, h.script_args(concepts, momentum_scale=0.0),
-                         extra_scripts=[(spy, [])])
-    assert torch.equal(ours, unguided(p_kwargs))
-    assert all(rows == 2 for _, rows, _ in spy.calls)
+    for args in (h.script_args(concepts, momentum_scale=0.0),
+                 h.script_args([{"prompt": "hat", "warmup": 100}])):  # the pass ends first
+        spy = RowSpy()
+        p, ours = h.generate(p_kwargs, args, extra_scripts=[(spy, [])])
+        assert torch.equal(ours, unguided(p_kwargs))
+        assert all(rows == 2 for _, rows, _ in spy.calls)
 
 
 def bad_generation(p_kwargs, concepts, message, **settings):
