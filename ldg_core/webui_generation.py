@@ -174,6 +174,12 @@ class Generation:
         """Whether concept rows must be evaluated in a call of their own rather than join the
         prompt rows' call. Said once, and written into the image parameters."""
         reasons = self._separate_call_reasons(c, conds)
+        if reasons and _controlnet_marked(c, self.m.shared.sd_model.cond_stage_model_empty_prompt):
+            # A call of other rows would break ControlNet's per-row caches (reference-only,
+            # inpaint_only, colorfix) and its cond/uncond marks: better no image than a wrong one.
+            raise GuidanceError(f"{'; '.join(reasons)}, so concepts would need a separate model "
+                                "call, which ControlNet cannot follow. Turn one of them off, or "
+                                "shorten the concept")
         if reasons:
             if SEPARATE_CALL_KEY not in self.p.extra_generation_params:
                 log.info("Latent Diffusion Guidance evaluates concepts in a separate model call: "
@@ -269,6 +275,11 @@ class Generation:
     def on_cfg_after_cfg(self, params) -> None:
         if self.current is not None:
             self.current.on_cfg_after_cfg(params)
+
+
+def _controlnet_marked(c: Any, empty: Any) -> bool:
+    """ControlNet is active: it has marked the prompt rows with one extra leading token."""
+    return token_count(c.batch[0][0].schedules[0].cond) % empty.shape[-2] == 1
 
 
 def _model_key(model: Any) -> tuple:

@@ -509,3 +509,49 @@ def test_controlnet_marks_concept_rows_as_uncond_and_rows_stay_constant():
     reference = ReferenceGuidance(config_of(CONCEPTS))
     expected = h.generate(p_kwargs, None, extra_scripts=[(ControlNetMarks(), []), (reference, [])])[1]
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("neighbour, concepts", [
+    (AnnouncingNeighbour("Dynamic thresholding enabled"), CONCEPTS),
+    (None, [{"prompt": " ".join(f"w{i}" for i in range(80))}]),
+])
+def test_controlnet_with_a_separate_call_is_refused_before_sampling(neighbour, concepts):
+    scripts = [(ControlNetMarks(), [])] + ([(neighbour, [])] if neighbour else [])
+    calls = []
+    original = shared.sd_model.apply_model
+    shared.sd_model.apply_model = lambda *a, **k: calls.append(1) or original(*a, **k)
+    with pytest.raises(ValueError, match="which ControlNet cannot follow"):
+        h.generate({"sampler_name": "Euler", "steps": 4}, h.script_args(concepts),
+                   extra_scripts=scripts)
+    assert calls == []
+
+
+class AdetailerLikePass:
+    """Like ADetailer: after the main image, an inner pass runs with a copy of p while our
+    callbacks may still be registered, and calls the scripts' postprocess again."""
+    def postprocess(self, p, processed, *args):
+        import copy
+        from modules import sd_samplers
+        inner = copy.copy(p)
+        inner.sampler = sd_samplers.create_sampler(p.sampler_name, shared.sd_model)
+        inner.init_latent, inner.is_img2img = processed, True
+        generation_script = h.SCRIPT_MODULE.LatentDiffusionGuidanceScript()
+        generation_script.postprocess(inner, processed)  # ours, run again: harmless
+        generation_script.postprocess(p, processed)
+        self.registered_during_inner_pass = script_callbacks.registered_count()
+        self.spy = RowSpy()
+        self.spy.process_before_every_sampling(inner)
+        inner.setup_conds()
+        inner.seeds = p.seeds
+        inner._sample_img2img(inner.c, inner.uc)
+        self.spy.postprocess(inner, None)
+
+
+def test_an_inner_pass_with_a_copy_of_p_is_left_alone():
+    # Our callbacks go when sampling ends, so ADetailer's later passes never meet them; the
+    # owner check (test_a_pass_of_another_processing_object_is_left_alone) guards the rest.
+    inner_pass = AdetailerLikePass()
+    p, _ = h.generate({"sampler_name": "Euler", "steps": 4}, h.script_args(CONCEPTS),
+                      extra_scripts=[(inner_pass, [])])
+    assert inner_pass.registered_during_inner_pass == 0
+    assert inner_pass.spy.calls and all(rows == 2 for _, rows, _ in inner_pass.spy.calls)
