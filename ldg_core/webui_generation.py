@@ -127,6 +127,8 @@ class Generation:
 
     def _new_pass(self, c: Any):
         p, sampler = self.p, self.p.sampler
+        for problem in two_row_controlnet_units(p):
+            raise GuidanceError(problem)
         timesteps = isinstance(sampler, self.m.sd_samplers_timesteps.CompVisSampler)
         steps, schedule = self._schedule()
         clock = step_clock(sampler.config.name, timestep_sampler=timesteps,
@@ -275,6 +277,33 @@ class Generation:
     def on_cfg_after_cfg(self, params) -> None:
         if self.current is not None:
             self.current.on_cfg_after_cfg(params)
+
+
+def two_row_controlnet_units(p: Any) -> List[str]:
+    """Enabled ControlNet units that assume exactly two rows per image: AnimateDiff batches,
+    SparseCtrl models and multi-image (merge) inputs duplicate their control once for cond
+    and once for uncond (sd-webui-controlnet scripts/controlnet.py L948-1009), so concept
+    rows would not get a control of their own."""
+    runner = getattr(p, "scripts", None)
+    controlnet = next((s for s in getattr(runner, "alwayson_scripts", [])
+                       if str(getattr(s, "title", str)()).lower() == "controlnet"), None)
+    if controlnet is None:
+        return []
+    problems = []
+    units = (getattr(p, "script_args", None) or [])[controlnet.args_from:controlnet.args_to]
+    for number, unit in enumerate(units, start=1):
+        field = (lambda key: unit.get(key)) if isinstance(unit, dict) else (
+            lambda key: getattr(unit, key, None))
+        if not field("enabled"):
+            continue
+        mode = getattr(field("input_mode"), "value", field("input_mode"))
+        kind = ("an AnimateDiff batch" if field("animatediff_batch") else
+                "a SparseCtrl model" if "sparsectrl" in str(field("model") or "").lower() else
+                "merged multiple inputs" if mode == "merge" else None)
+        if kind:
+            problems.append(f"ControlNet unit {number} uses {kind}, which assumes exactly two "
+                            "rows per image; turn that unit or guidance off")
+    return problems
 
 
 def _controlnet_marked(c: Any, empty: Any) -> bool:

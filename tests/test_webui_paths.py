@@ -1,5 +1,7 @@
 """The WebUI script in the test double of WebUI 1.10.1, driven by the real k-diffusion
 samplers: disabled is bit-identical, enabled matches the independent reference."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -555,3 +557,71 @@ def test_an_inner_pass_with_a_copy_of_p_is_left_alone():
                       extra_scripts=[(inner_pass, [])])
     assert inner_pass.registered_during_inner_pass == 0
     assert inner_pass.spy.calls and all(rows == 2 for _, rows, _ in inner_pass.spy.calls)
+
+
+class ControlNetUnits:
+    """Stands for the ControlNet script's place in p.script_args (its units, as objects or
+    API dicts; internal_controlnet/args.py and external_code.py L126-160, L398-416)."""
+    def __init__(self, units):
+        self.units = units
+
+    def title(self):
+        return "ControlNet"
+
+    def process(self, p, *args):
+        self.args_from, self.args_to = 5, 5 + len(self.units)
+        p.script_args = [None] * 5 + list(self.units)
+
+
+@pytest.mark.parametrize("unit, message", [
+    ({"enabled": True, "animatediff_batch": True}, "unit 2 uses an AnimateDiff batch"),
+    ({"enabled": True, "model": "v3_sd15_sparsectrl_rgb [abcd]"}, "unit 2 uses a SparseCtrl model"),
+    (SimpleNamespace(enabled=True, input_mode=SimpleNamespace(value="merge"), model="canny"),
+     "unit 2 uses merged multiple inputs"),
+    ({"enabled": False, "animatediff_batch": True}, None),
+    ({"enabled": True, "input_mode": "simple", "model": "control_canny"}, None),
+])
+def test_controlnet_units_that_assume_two_rows_per_image_are_refused(unit, message):
+    units = ControlNetUnits([{"enabled": False}, unit])
+    if message is None:
+        p, ours = h.generate({"sampler_name": "Euler", "steps": 4}, h.script_args(CONCEPTS),
+                             extra_scripts=[(units, [])])
+        assert not torch.equal(ours, unguided({"sampler_name": "Euler", "steps": 4}))
+        return
+    with pytest.raises(ValueError, match=message):
+        h.generate({"sampler_name": "Euler", "steps": 4}, h.script_args(CONCEPTS),
+                   extra_scripts=[(units, [])])
+
+
+class PagLikeNeighbour:
+    """Like Incantations' PAG (scripts/pag.py L211-298, L423-507): registers its callbacks when
+    the batch starts, clones the call's rows in on_cfg_denoiser, and in on_cfg_denoised runs
+    the inner model on [text_cond, text_cond] against those x rows."""
+    def __init__(self):
+        self.row_counts = []
+
+    def process(self, p, *args):
+        script_callbacks.on_cfg_denoiser(self.denoiser, name="pag")
+        script_callbacks.on_cfg_denoised(self.denoised, name="pag")
+
+    def denoiser(self, params):
+        self.saved = (params.x.clone(), params.sigma.clone(), params.image_cond.clone(),
+                      params.text_cond.clone())
+
+    def denoised(self, params):
+        x, sigma, image_cond, text_cond = self.saved
+        cond = torch.cat([text_cond, text_cond])
+        assert cond.shape[0] == x.shape[0], "PAG saw rows it cannot pair"
+        self.row_counts.append(x.shape[0])
+        params.inner_model(x, sigma, cond={"c_crossattn": [cond], "c_concat": [image_cond]})
+
+    def postprocess(self, p, processed, *args):
+        for fn in (self.denoiser, self.denoised):
+            script_callbacks.remove_callbacks_for_function(fn)
+
+
+def test_incantations_pag_registers_first_and_never_sees_concept_rows():
+    pag = PagLikeNeighbour()
+    h.generate({"sampler_name": "Euler", "steps": 4}, h.script_args(CONCEPTS),
+               extra_scripts=[(pag, [])])
+    assert pag.row_counts == [2] * 4

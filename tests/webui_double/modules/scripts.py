@@ -11,6 +11,7 @@ class Script:
 class ScriptRunner:
     def __init__(self, scripts_and_args):
         self.entries = scripts_and_args  # [(script, args)]
+        self.alwayson_scripts = [script for script, _ in scripts_and_args]
         self.reported = []
 
     def _each(self, hook, *a, **kw):
