@@ -625,3 +625,56 @@ def test_incantations_pag_registers_first_and_never_sees_concept_rows():
     h.generate({"sampler_name": "Euler", "steps": 4}, h.script_args(CONCEPTS),
                extra_scripts=[(pag, [])])
     assert pag.row_counts == [2] * 4
+
+
+class DynamicThresholdingRows:
+    """Like Dynamic Thresholding (scripts/dynamic_thresholding.py process_batch and
+    CustomCFGDenoiser.combine_denoised): announces itself in the image parameters and feeds
+    every row but the uncond ones into its own CFG, here their mean per image."""
+    def process(self, p, *args):
+        p.extra_generation_params["Dynamic thresholding enabled"] = True
+        self.p = p
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        def combine_denoised(x_out, conds_list, uncond, cond_scale):
+            b = uncond.shape[0]
+            conds = x_out[:-b].view(-1, b, *x_out.shape[1:]).mean(0)
+            return x_out[-b:] + cond_scale * (conds - x_out[-b:])
+        p.sampler.model_wrap_cfg.combine_denoised = combine_denoised
+
+
+def test_dynamic_thresholding_reads_only_its_own_rows():
+    p_kwargs = {"sampler_name": "Euler", "steps": 6}
+    ours = h.generate(p_kwargs, h.script_args(CONCEPTS),
+                      extra_scripts=[(DynamicThresholdingRows(), [])])[1]
+    reference = ReferenceGuidance(config_of(CONCEPTS))
+    expected = h.generate(p_kwargs, None, extra_scripts=[(DynamicThresholdingRows(), []),
+                                                        (reference, [])])[1]
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+class RegionalPrompterRows:
+    """Like Regional Prompter's latent mode (latent.py L176-198, L242): announces itself and
+    splits a call's rows by position into x.shape[0] // batch - 1 areas per image."""
+    def process(self, p, *args):
+        p.extra_generation_params["RP Active"] = True
+        self.areas = []
+        script_callbacks.on_cfg_denoised(self.denoised, name="rp")
+
+    def denoised(self, params):
+        rows = params.x.shape[0]
+        self.areas.append(rows // self.batch - 1)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        self.batch = p.batch_size
+
+    def postprocess(self, p, processed, *args):
+        script_callbacks.remove_callbacks_for_function(self.denoised)
+
+
+def test_regional_prompter_sees_only_its_own_areas():
+    rp = RegionalPrompterRows()
+    p_kwargs = {"sampler_name": "Euler", "steps": 4, "batch_size": 2,
+                "prompt": "a cat AND a dog"}  # two areas per image
+    h.generate(p_kwargs, h.script_args(CONCEPTS), extra_scripts=[(rp, [])])
+    assert rp.areas == [2] * 4
