@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Sequence
 
 # Defaults of the reference pipeline (diffusers' SemanticStableDiffusionPipeline). The only place

@@ -233,7 +233,7 @@ def test_concept_schedules_run_on_the_prompts_clock():
 
 def test_a_pass_of_another_processing_object_is_left_alone():
     # ADetailer runs inner passes with copies of p while our callbacks are registered.
-    from ldg_core.webui_adapter import PassGuidance, StepClock, WebUIFunctions
+    from ldg_core.webui_adapter import PassGuidance, StepClock
     from modules.script_callbacks import CFGDenoiserParams
     guidance = PassGuidance(config_of(CONCEPTS), clock=StepClock(), owner=object(),
                             concept_schedules=[], first_prompt_rows=[0], eps_outputs=False,

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(__file__))
 if DOUBLE not in sys.path:
     sys.path.insert(0, DOUBLE)
 
-from modules import processing, script_callbacks, scripts, shared  # noqa: E402
+from modules import processing, scripts  # noqa: E402
 
 from ldg_core.ui_args import GLOBAL_FIELDS, SLOT_FIELDS, default_args  # noqa: E402
 
