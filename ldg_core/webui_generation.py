@@ -114,6 +114,8 @@ class Generation:
         """From process_before_every_sampling: the first pass, or the hires pass, begins."""
         try:
             guidance, steps = self._new_pass(c)
+        except GuidanceError as error:
+            return self._refuse_pass(error)
         except Exception as error:  # no image and a message, rather than an unguided image
             if not isinstance(error, ValueError):
                 log.exception("Latent Diffusion Guidance could not set up this pass")
@@ -179,13 +181,15 @@ class Generation:
         if reasons and _controlnet_marked(c, self.m.shared.sd_model.cond_stage_model_empty_prompt):
             # A call of other rows would break ControlNet's per-row caches (reference-only,
             # inpaint_only, colorfix) and its cond/uncond marks: better no image than a wrong one.
+            remedy = ("shorten the concept or lengthen the prompt" if "longer than the prompt"
+                      in reasons[0] else "turn that extension or guidance off")
             raise GuidanceError(f"{'; '.join(reasons)}, so concepts would need a separate model "
-                                "call, which ControlNet cannot follow. Turn one of them off, or "
-                                "shorten the concept")
+                                f"call, which ControlNet cannot follow: {remedy}")
         if reasons:
             if SEPARATE_CALL_KEY not in self.p.extra_generation_params:
-                log.info("Latent Diffusion Guidance evaluates concepts in a separate model call: "
-                         "%s.", "; ".join(reasons))
+                # WARNING, since the WebUI's console hides INFO: it costs a model call per step.
+                log.warning("Latent Diffusion Guidance evaluates concepts in a separate model "
+                            "call: %s.", "; ".join(reasons))
             self.p.extra_generation_params[SEPARATE_CALL_KEY] = "separate call"
         return bool(reasons)
 

@@ -513,16 +513,18 @@ def test_controlnet_marks_concept_rows_as_uncond_and_rows_stay_constant():
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("neighbour, concepts", [
-    (AnnouncingNeighbour("Dynamic thresholding enabled"), CONCEPTS),
-    (None, [{"prompt": " ".join(f"w{i}" for i in range(80))}]),
+@pytest.mark.parametrize("neighbour, concepts, remedy", [
+    (AnnouncingNeighbour("Dynamic thresholding enabled"), CONCEPTS,
+     "^Latent Diffusion Guidance: Dynamic Thresholding reads .*: turn that extension or"),
+    (None, [{"prompt": " ".join(f"w{i}" for i in range(80))}],
+     "^Latent Diffusion Guidance: concept 1 is longer .*: shorten the concept"),
 ])
-def test_controlnet_with_a_separate_call_is_refused_before_sampling(neighbour, concepts):
+def test_controlnet_with_a_separate_call_is_refused_before_sampling(neighbour, concepts, remedy):
     scripts = [(ControlNetMarks(), [])] + ([(neighbour, [])] if neighbour else [])
     calls = []
     original = shared.sd_model.apply_model
     shared.sd_model.apply_model = lambda *a, **k: calls.append(1) or original(*a, **k)
-    with pytest.raises(ValueError, match="which ControlNet cannot follow"):
+    with pytest.raises(ValueError, match=remedy + ".*"):
         h.generate({"sampler_name": "Euler", "steps": 4}, h.script_args(concepts),
                    extra_scripts=scripts)
     assert calls == []
