@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from .config import GuidanceConfig
 from .text_form import to_text
@@ -178,7 +178,9 @@ class Generation:
         """Whether concept rows must be evaluated in a call of their own rather than join the
         prompt rows' call. Said once, and written into the image parameters."""
         reasons = self._separate_call_reasons(c, conds)
-        if reasons and _controlnet_marked(c, self.m.shared.sd_model.cond_stage_model_empty_prompt):
+        # Active units, not marks: ControlNet marks cached prompt conds in place, and those
+        # marks outlive the generation that made them.
+        if reasons and _enabled_controlnet_units(self.p):
             # A call of other rows would break ControlNet's per-row caches (reference-only,
             # inpaint_only, colorfix) and its cond/uncond marks: better no image than a wrong one.
             remedy = ("shorten the concept or lengthen the prompt" if "longer than the prompt"
@@ -283,23 +285,28 @@ class Generation:
             self.current.on_cfg_after_cfg(params)
 
 
-def two_row_controlnet_units(p: Any) -> List[str]:
-    """Enabled ControlNet units that assume exactly two rows per image: AnimateDiff batches,
-    SparseCtrl models and multi-image (merge) inputs duplicate their control once for cond
-    and once for uncond (sd-webui-controlnet scripts/controlnet.py L948-1009), so concept
-    rows would not get a control of their own."""
+def _enabled_controlnet_units(p: Any) -> List[Tuple[int, Callable[[str], Any]]]:
+    """A field reader for each enabled unit in the ControlNet script's arguments (units are
+    objects, or dicts from the API; sd-webui-controlnet internal_controlnet/external_code.py
+    L126-160, L398-416)."""
     runner = getattr(p, "scripts", None)
     controlnet = next((s for s in getattr(runner, "alwayson_scripts", [])
                        if str(getattr(s, "title", str)()).lower() == "controlnet"), None)
     if controlnet is None:
         return []
-    problems = []
     units = (getattr(p, "script_args", None) or [])[controlnet.args_from:controlnet.args_to]
-    for number, unit in enumerate(units, start=1):
-        field = (lambda key: unit.get(key)) if isinstance(unit, dict) else (
-            lambda key: getattr(unit, key, None))
-        if not field("enabled"):
-            continue
+    readers = [(lambda key, u=unit: u.get(key)) if isinstance(unit, dict) else
+               (lambda key, u=unit: getattr(u, key, None)) for unit in units]
+    return [(number, field) for number, field in enumerate(readers, start=1) if field("enabled")]
+
+
+def two_row_controlnet_units(p: Any) -> List[str]:
+    """Enabled ControlNet units that assume exactly two rows per image: AnimateDiff batches,
+    SparseCtrl models and multi-image (merge) inputs duplicate their control once for cond
+    and once for uncond (sd-webui-controlnet scripts/controlnet.py L948-1009), so concept
+    rows would not get a control of their own."""
+    problems = []
+    for number, field in _enabled_controlnet_units(p):
         mode = getattr(field("input_mode"), "value", field("input_mode"))
         kind = ("an AnimateDiff batch" if field("animatediff_batch") else
                 "a SparseCtrl model" if "sparsectrl" in str(field("model") or "").lower() else
@@ -308,11 +315,6 @@ def two_row_controlnet_units(p: Any) -> List[str]:
             problems.append(f"ControlNet unit {number} uses {kind}, which assumes exactly two "
                             "rows per image; turn that unit or guidance off")
     return problems
-
-
-def _controlnet_marked(c: Any, empty: Any) -> bool:
-    """ControlNet is active: it has marked the prompt rows with one extra leading token."""
-    return token_count(c.batch[0][0].schedules[0].cond) % empty.shape[-2] == 1
 
 
 def _model_key(model: Any) -> tuple:

@@ -461,9 +461,14 @@ def test_neighbours_that_read_the_rows_get_a_separate_call(key):
 class ControlNetMarks:
     """A double of ControlNet's prompt marking (sd-webui-controlnet scripts/hook.py L22-112):
     it wraps p.sample to prepend a +1024 token to every prompt conditioning and -1024 to every
-    negative one, and its UNet hook strips that token, noting each row's mark."""
-    def __init__(self):
+    negative one, and its UNet hook strips that token, noting each row's mark. Its script
+    arguments hold one enabled unit."""
+    def __init__(self, enabled=True):
         self.row_marks = []  # per model call: the mark of each row
+        self.enabled = enabled
+
+    def title(self):
+        return "ControlNet"
 
     @staticmethod
     def _mark(conditioning, value):
@@ -478,6 +483,8 @@ class ControlNetMarks:
                 schedule[i] = ScheduledPromptConditioning(entry.end_at_step, torch.cat([mark, entry.cond]))
 
     def process(self, p, *args):
+        self.args_from, self.args_to = 0, 1
+        p.script_args = [{"enabled": self.enabled, "model": "control_canny", "input_mode": "simple"}]
         sample = p.sample
 
         def process_sample(*a, **kw):
@@ -680,3 +687,12 @@ def test_regional_prompter_sees_only_its_own_areas():
                 "prompt": "a cat AND a dog"}  # two areas per image
     h.generate(p_kwargs, h.script_args(CONCEPTS), extra_scripts=[(rp, [])])
     assert rp.areas == [2] * 4
+
+
+def test_stale_controlnet_marks_without_an_enabled_unit_do_not_refuse():
+    # ControlNet marks the cached prompt conds in place; the marks outlive its generation.
+    p_kwargs = {"sampler_name": "Euler", "steps": 4}
+    p, _ = h.generate(p_kwargs, h.script_args(CONCEPTS),
+                      extra_scripts=[(ControlNetMarks(enabled=False), []),
+                                     (AnnouncingNeighbour("Dynamic thresholding enabled"), [])])
+    assert p.extra_generation_params["Latent Diffusion Guidance rows"] == "separate call"
