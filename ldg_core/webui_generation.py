@@ -247,6 +247,7 @@ class Generation:
         sampler = self.p.sampler
 
         def refuse(*args, **kwargs):
+            _forget_cached_conds(self.p)
             raise error
         sampler.sample = sampler.sample_img2img = refuse
 
@@ -325,5 +326,17 @@ def _refuse_sampling(p: Any, error: GuidanceError) -> None:
     """Makes this generation's sampling call raise `error` before any step: the WebUI logs and
     ignores exceptions from script hooks, but not from sampling (webui-contract.md)."""
     def refuse(*args, **kwargs):
+        _forget_cached_conds(p)
         raise error
     p.sample = refuse
+
+
+def _forget_cached_conds(p: Any) -> None:
+    """A refused generation must leave nothing behind. ControlNet marks the WebUI's cached
+    prompt conditioning in place when sampling starts and clears those caches only from inside
+    the UNet (sd-webui-controlnet scripts/hook.py L109-110, L458-470): with no model call, its
+    marks would reach the next generation. Emptying the caches costs one encoding."""
+    for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+        cache = getattr(p, name, None)
+        if isinstance(cache, list) and len(cache) == 2:
+            cache[0] = cache[1] = None

@@ -500,10 +500,18 @@ class ControlNetMarks:
             if context.shape[1] % 77 == 1:
                 self.row_marks.append(context[:, 0, 0].tolist())
                 cond = {**cond, "c_crossattn": [context[:, 1:]]}
+                # It drops the WebUI's cond caches, whose entries it marked (hook.py L109-110).
+                from modules.processing import Processing
+                Processing.cached_c, Processing.cached_uc = [None, None], [None, None]
             return self.apply_model(x, t, cond)
         model.apply_model = apply_model
 
     def postprocess(self, p, processed, *args):
+        self.restore()
+
+    def restore(self):
+        """Unhooks the model: postprocess, or the start of ControlNet's next generation
+        (controlnet.py L860-862) when this one failed."""
         self.model.apply_model = self.apply_model
 
 
@@ -696,3 +704,16 @@ def test_stale_controlnet_marks_without_an_enabled_unit_do_not_refuse():
                       extra_scripts=[(ControlNetMarks(enabled=False), []),
                                      (AnnouncingNeighbour("Dynamic thresholding enabled"), [])])
     assert p.extra_generation_params["Latent Diffusion Guidance rows"] == "separate call"
+
+
+def test_a_refusal_next_to_controlnet_leaves_nothing_behind():
+    # The real WebUI showed it: the refused request's marks reached the next plain image.
+    plain = {"sampler_name": "Euler", "steps": 4, "prompt": "a red house"}
+    before = unguided(plain)
+    controlnet = ControlNetMarks()
+    with pytest.raises(ValueError, match="which ControlNet cannot follow"):
+        h.generate(plain, h.script_args(CONCEPTS),
+                   extra_scripts=[(controlnet, []),
+                                  (AnnouncingNeighbour("Dynamic thresholding enabled"), [])])
+    controlnet.restore()
+    assert torch.equal(unguided(plain), before)

@@ -8,6 +8,8 @@ from modules import prompt_parser, sd_samplers, shared
 
 
 class Processing:
+    cached_c, cached_uc = [None, None], [None, None]  # shared by every p (L188-189, L251-252)
+
     def __init__(self, **kw):
         self.prompt, self.negative_prompt = "a cat", ""
         self.seed, self.steps, self.cfg_scale = 1, 8, 7.0
@@ -24,7 +26,7 @@ class Processing:
         self.extra_network_data = {}
         self.scripts = None
         self.sampler = None
-        self.cached_c, self.cached_uc = [None, None], [None, None]
+        self.cached_c, self.cached_uc = Processing.cached_c, Processing.cached_uc
         for key, value in kw.items():
             setattr(self, key, value)
         self.is_img2img = self.init_latent is not None
