@@ -175,7 +175,7 @@ class PassGuidance:
                                     for i in call.needed])
         elif k:
             rows = out[call.prompt_rows:call.prompt_rows + k * b]
-            concepts = self._to_eps(rows, call, repeats=k).view(k, *uncond.shape)
+            concepts = self._to_eps(rows.view(k, *uncond.shape), call)
         call.edit = self.guidance.step(step=call.index, uncond=uncond, cond=cond, concepts=concepts)
 
     def on_cfg_after_cfg(self, params) -> None:
@@ -230,12 +230,11 @@ class PassGuidance:
                               "cannot be matched to the prompt rows")
         return self.webui.pad_cond(conds, repeats, empty)
 
-    def _to_eps(self, out: torch.Tensor, call: _Call, repeats: int = 1) -> torch.Tensor:
+    def _to_eps(self, out: torch.Tensor, call: _Call) -> torch.Tensor:
+        """eps of rows shaped [..., B, C, H, W] whose inputs were the images' x and sigma."""
         if self.eps_outputs:
             return out
-        x = call.x.repeat(repeats, *([1] * (call.x.dim() - 1)))
-        sigma = _per_image(call.sigma.repeat(repeats), x)
-        return (x - out) / sigma
+        return (call.x - out) / _per_image(call.sigma, call.x)
 
     def _fail(self, why: str) -> None:
         self.failed = why
