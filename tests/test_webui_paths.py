@@ -179,10 +179,6 @@ def test_v_prediction_is_guided_in_eps_space(sampler):
     assert_guided_as_reference({"sampler_name": sampler, "steps": 6})
 
 
-def inner_rows(p):
-    return p.sampler.model_wrap_cfg.inner_calls if p.sampler else []
-
-
 class RowSpy:
     """Records the rows of every model call's conditioning, after our callback has run."""
     def __init__(self):
@@ -287,11 +283,6 @@ def test_no_concept_that_can_act_means_nothing_registered():
         p, ours = h.generate(p_kwargs, args, extra_scripts=[(spy, [])])
         assert torch.equal(ours, unguided(p_kwargs))
         assert all(rows == 2 for _, rows, _ in spy.calls)
-
-
-def bad_generation(p_kwargs, concepts, message, **settings):
-    with pytest.raises(ValueError, match=message):
-        guided(p_kwargs, concepts, **settings)
 
 
 @pytest.mark.parametrize("concepts, settings, message", [

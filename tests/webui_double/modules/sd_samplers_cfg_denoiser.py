@@ -42,7 +42,6 @@ class CFGDenoiser(torch.nn.Module):
         self.need_last_noise_uncond = False
         self.last_noise_uncond = None
         self.mask_before_denoising = False
-        self.inner_calls = []  # rows of every inner model call, for the tests
 
     def combine_denoised(self, x_out, conds_list, uncond, cond_scale):
         denoised_uncond = x_out[-uncond.shape[0]:]
@@ -51,9 +50,6 @@ class CFGDenoiser(torch.nn.Module):
             for cond_index, weight in conds:
                 denoised[i] += (x_out[cond_index] - denoised_uncond[i]) * (weight * cond_scale)
         return denoised
-
-    def get_pred_x0(self, x_in, x_out, sigma):
-        return x_out
 
     def pad_cond_uncond(self, cond, uncond):
         empty = shared.sd_model.cond_stage_model_empty_prompt
@@ -83,7 +79,6 @@ class CFGDenoiser(torch.nn.Module):
         return cond, uncond
 
     def _inner(self, x, sigma, cond):
-        self.inner_calls.append(x.shape[0])
         return self.inner_model(x, sigma, cond=cond)
 
     def apply_refiner(self):
