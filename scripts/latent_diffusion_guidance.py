@@ -103,7 +103,7 @@ class LatentDiffusionGuidanceScript(scripts.Script):
         def ids(field):
             return {"elem_id": self.elem_id(f"ldg_slot{n}_{field}"), "elem_classes": [f"ldg-{field}"]}
         with gr.Group(visible=visible, elem_classes=["ldg-slot"]) as group:
-            with gr.Row(elem_classes=["ldg-row"]):
+            with gr.Row(elem_classes=["ldg-row", "ldg-head"]):
                 slot_enabled = gr.Checkbox(label=f"Concept {n}", value=d["slot_enabled"],
                                            scale=0, min_width=110, **ids("slot_enabled"))
                 prompt = gr.Textbox(label="Concept prompt", show_label=False, lines=2,
@@ -113,7 +113,7 @@ class LatentDiffusionGuidanceScript(scripts.Script):
                 direction = gr.Radio(label="Direction", show_label=False, choices=list(DIRECTIONS),
                                      value=d["direction"], scale=0, min_width=160,
                                      **ids("direction"))
-            with gr.Row(elem_classes=["ldg-row"]):
+            with gr.Row(elem_classes=["ldg-row", "ldg-numbers"]):
                 scale = gr.Number(label="Scale", value=d["scale"], **ids("scale"))
                 threshold = gr.Slider(label="Threshold", minimum=0.0, maximum=1.0, step=0.005,
                                       value=d["threshold"], **ids("threshold"))
