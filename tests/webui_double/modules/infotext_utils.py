@@ -115,7 +115,7 @@ def create_infotext(prompt, negative_prompt, generation_params, index=0):
             if isinstance(value, list):
                 generation_params[key] = value[index]
             elif callable(value):
-                generation_params[key] = value()
+                generation_params[key] = value(p=None, index=index)  # the WebUI passes **locals()
         except Exception:
             generation_params[key] = None
 
