@@ -9,7 +9,7 @@ inside a sampler's step without stalling an accelerator.
 from __future__ import annotations
 
 import numbers
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -51,6 +51,12 @@ def masked_guidance(estimate: torch.Tensor, uncond: torch.Tensor, concept: Conce
     The quantile is taken per image and channel over H*W, after the scale, in float32 (what
     torch.quantile needs), and the comparison keeps ties, as the reference does.
     """
+    return guidance_and_mask(estimate, uncond, concept)[0]
+
+
+def guidance_and_mask(estimate: torch.Tensor, uncond: torch.Tensor,
+                      concept: Concept) -> Tuple[torch.Tensor, torch.Tensor]:
+    """masked_guidance's term, and its mask: where the concept passed its threshold."""
     direction = estimate - uncond
     if concept.reverse:
         direction = direction * -1
@@ -60,8 +66,8 @@ def masked_guidance(estimate: torch.Tensor, uncond: torch.Tensor, concept: Conce
     if flat.dtype != torch.float32:
         flat = flat.to(torch.float32)
     cutoff = torch.quantile(flat, concept.threshold, dim=2).to(direction.dtype)
-    return torch.where(magnitude >= cutoff[:, :, None, None], direction,
-                       torch.zeros_like(direction))
+    mask = magnitude >= cutoff[:, :, None, None]
+    return torch.where(mask, direction, torch.zeros_like(direction)), mask
 
 
 def _weights_in(dtype: torch.dtype, raw: Sequence[float], normalise: bool) -> list:
@@ -84,16 +90,24 @@ def _weighted_sum(terms: Mapping[int, torch.Tensor], weights: Mapping[int, float
 
 def guidance_step(config: GuidanceConfig, step: int, uncond: torch.Tensor,
                   estimates: Mapping[int, torch.Tensor], momentum: Optional[torch.Tensor],
-                  end_step: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  end_step: Optional[int] = None,
+                  observer: Optional[Callable[[int, torch.Tensor], None]] = None
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One step of SEGA: (edit, momentum after this step).
 
     `estimates` maps concept index to its estimate and must hold every index of
     concepts_needed(config, step); others are ignored. `momentum` is the buffer as of the start
-    of this step (None: zeros, the start of a pass).
+    of this step (None: zeros, the start of a pass). `observer(index, mask)`, if given, sees
+    the threshold mask [B, C, H, W] of each concept that acts at this step (past its warmup,
+    not cooled): what concept maps count.
     """
     concepts = config.concepts
     needed = concepts_needed(config, step, end_step)
-    terms = {i: masked_guidance(estimates[i], uncond, concepts[i]) for i in needed}
+    terms = {}
+    for i in needed:
+        terms[i], mask = guidance_and_mask(estimates[i], uncond, concepts[i])
+        if observer is not None and step >= concepts[i].warmup:
+            observer(i, mask)
     past_warmup = [i for i, c in enumerate(concepts) if step >= c.warmup]
     full_phase = len(past_warmup) == len(concepts)
 
@@ -129,12 +143,15 @@ class SemanticGuidance:
     The guided estimate is  uncond + guidance_scale * (cond - uncond) + edit.
     """
 
-    def __init__(self, config: GuidanceConfig, *, end_step: Optional[int] = None):
-        """`end_step`: the step the pass ends before, if known; it lets needed() skip more."""
+    def __init__(self, config: GuidanceConfig, *, end_step: Optional[int] = None,
+                 observer: Optional[Callable[[int, torch.Tensor], None]] = None):
+        """`end_step`: the step the pass ends before, if known; it lets needed() skip more.
+        `observer(index, mask)`: sees each acting concept's threshold mask (concept maps)."""
         if not isinstance(config, GuidanceConfig):
             raise ValueError(f"SemanticGuidance needs a GuidanceConfig, got {type(config).__name__}")
         self.config = config
         self.end_step = end_step
+        self.observer = observer
         self._step: Optional[int] = None
         self._momentum: Optional[torch.Tensor] = None  # as of the start of self._step
         self._pending: Optional[torch.Tensor] = None  # after self._step, from its latest call
@@ -165,7 +182,7 @@ class SemanticGuidance:
         if self._momentum is not None:
             _check_same_pass(uncond, self._momentum)
         edit, self._pending = guidance_step(self.config, step, uncond, estimates, self._momentum,
-                                            self.end_step)
+                                            self.end_step, self.observer)
         return edit
 
 

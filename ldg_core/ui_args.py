@@ -1,7 +1,11 @@
 """The script's argument layout: what ui() returns, in order, and how it becomes a config.
 
 The layout never changes, so positional API arguments keep working: the three global values,
-then SLOT_FIELDS for each of MAX_CONCEPTS slots, hidden slots included.
+then SLOT_FIELDS for each of MAX_CONCEPTS slots, hidden slots included, then EXTRA_FIELDS
+(added later, after the slots, so that older positional calls keep their meaning).
+
+Besides the positional form, the HTTP API may pass one dict as the only argument
+(`settings_from_args`), and X/Y/Z plot axes override single values for one cell (`overrides`).
 """
 
 from __future__ import annotations
@@ -23,12 +27,43 @@ SLOT_DEFAULTS = {"slot_enabled": True, "prompt": "", "direction": "add",
                  "weight": defaults.DEFAULT_WEIGHT}
 GLOBAL_DEFAULTS = {"enabled": False, "momentum_scale": defaults.DEFAULT_MOMENTUM_SCALE,
                    "momentum_beta": defaults.DEFAULT_MOMENTUM_BETA}
-ARG_COUNT = len(GLOBAL_FIELDS) + MAX_CONCEPTS * len(SLOT_FIELDS)
+EXTRA_FIELDS = ("concept_maps",)  # "Show where each concept acted"
+EXTRA_DEFAULTS = {"concept_maps": False}
+SLOTS_END = len(GLOBAL_FIELDS) + MAX_CONCEPTS * len(SLOT_FIELDS)
+ARG_COUNT = SLOTS_END + len(EXTRA_FIELDS)
 
 
 def default_args() -> List[Any]:
     slot = [SLOT_DEFAULTS[f] for f in SLOT_FIELDS]
-    return [GLOBAL_DEFAULTS[f] for f in GLOBAL_FIELDS] + slot * MAX_CONCEPTS
+    return ([GLOBAL_DEFAULTS[f] for f in GLOBAL_FIELDS] + slot * MAX_CONCEPTS
+            + [EXTRA_DEFAULTS[f] for f in EXTRA_FIELDS])
+
+
+def slot_index(slot: int, field: str) -> int:
+    """Position of a slot's field (slot counted from 0) in the argument list."""
+    return len(GLOBAL_FIELDS) + slot * len(SLOT_FIELDS) + SLOT_FIELDS.index(field)
+
+
+def args_from_config(config: Optional[GuidanceConfig], enabled: bool = True) -> List[Any]:
+    """The argument list that stands for `config`: its concepts in the first slots, the other
+    slots cleared to their defaults. Extra fields keep their defaults."""
+    values = default_args()
+    values[0] = bool(enabled)
+    if config is None:
+        return values
+    values[1], values[2] = config.momentum_scale, config.momentum_beta
+    for slot, concept in enumerate(config.concepts):
+        for field, value in slot_values(concept).items():
+            values[slot_index(slot, field)] = value
+    return values
+
+
+def slot_values(concept: Concept) -> dict:
+    return {"slot_enabled": True, "prompt": concept.prompt,
+            "direction": DIRECTIONS[1] if concept.reverse else DIRECTIONS[0],
+            "scale": concept.scale, "threshold": concept.threshold, "warmup": concept.warmup,
+            "cooldown": NEVER if concept.cooldown is None else concept.cooldown,
+            "weight": concept.weight}
 
 
 def config_from_args(args: Sequence[Any]) -> Optional[GuidanceConfig]:

@@ -120,8 +120,9 @@ class PassGuidance:
     def __init__(self, config: GuidanceConfig, *, clock: StepClock, owner: Any,
                  concept_schedules: Sequence[Any], first_prompt_rows: Sequence[int],
                  eps_outputs: bool, webui: WebUIFunctions, separate_call: bool = False,
-                 end_step: Optional[int] = None):
-        self.guidance = SemanticGuidance(config, end_step=end_step)
+                 end_step: Optional[int] = None,
+                 observer: Optional[Callable[[int, torch.Tensor], None]] = None):
+        self.guidance = SemanticGuidance(config, end_step=end_step, observer=observer)
         self.separate_call = separate_call
         self.clock = clock
         self.owner = owner  # the processing object our script set up; other passes are left alone

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
+from .concept_maps import ConceptMapRecorder, batch_overlays
 from .config import GuidanceConfig
 from .text_form import to_text
 from .webui_adapter import (REFUSED_SAMPLERS, PassGuidance, WebUIFunctions, can_act, step_clock,
@@ -63,7 +64,8 @@ def sampler_names(p: Any) -> List[str]:
 class Generation:
     """Guidance state of one processing object `p`, across its batches and passes."""
 
-    def __init__(self, p: Any, config: GuidanceConfig, modules: WebUIModules, cache: list):
+    def __init__(self, p: Any, config: GuidanceConfig, modules: WebUIModules, cache: list,
+                 concept_maps: bool = False):
         self.p = p
         self.config = config
         self.m = modules
@@ -71,6 +73,8 @@ class Generation:
         self.current: Optional[PassGuidance] = None
         self.encoded_for: Any = None
         self.registered = False
+        # Concept maps: per batch, the recorders of its passes; None when the option is off.
+        self.map_batches: Optional[List[List[ConceptMapRecorder]]] = [] if concept_maps else None
 
     @classmethod
     def of(cls, p: Any) -> Optional["Generation"]:
@@ -81,7 +85,8 @@ class Generation:
 
     @classmethod
     def attach(cls, p: Any, config: Optional[GuidanceConfig], modules: WebUIModules,
-               cache: list, error: Optional[Exception] = None) -> Optional["Generation"]:
+               cache: list, error: Optional[Exception] = None,
+               concept_maps: bool = False) -> Optional["Generation"]:
         """Prepares `p` (from the script's process()). Disabled: touches nothing at all."""
         if error is None and config is None:
             return None
@@ -92,7 +97,7 @@ class Generation:
         if problem:
             _refuse_sampling(p, GuidanceError(problem))
             return None
-        generation = cls(p, config, modules, cache)
+        generation = cls(p, config, modules, cache, concept_maps)
         setattr(p, _ATTRIBUTE, generation)
         p.extra_generation_params[INFOTEXT_KEY] = to_text(config)
         generation._wrap_sample()
@@ -138,12 +143,31 @@ class Generation:
                            img2img_schedule=schedule)
         conds = self._encode()
         repeats = [len(rows) for rows in c.batch]
+        observer = None
+        if self.map_batches is not None:
+            if not getattr(p, "is_hr_pass", False) or not self.map_batches:
+                self.map_batches.append([])  # a new batch starts with its first pass
+            recorder = ConceptMapRecorder()
+            self.map_batches[-1].append(recorder)
+            observer = recorder.observe
         guidance = PassGuidance(
             self.config, clock=clock, owner=p, concept_schedules=conds,
             first_prompt_rows=[0] + list(itertools.accumulate(repeats))[:-1],
             eps_outputs=timesteps, webui=self._functions(),
-            separate_call=self._separate_call_needed(c, conds), end_step=steps)
+            separate_call=self._separate_call_needed(c, conds), end_step=steps,
+            observer=observer)
         return guidance, steps
+
+    def concept_map_overlays(self, images: List[Any]) -> List[Tuple[int, int, Any]]:
+        """(image index, concept index, RGB uint8 overlay) for `images`, the generation's
+        finished images as RGB uint8 arrays, batch after batch; [] when maps are off."""
+        result = []
+        for number, passes in enumerate(self.map_batches or []):
+            size = self.p.batch_size
+            batch = images[number * size:(number + 1) * size]
+            result += [(number * size + b, index, picture)
+                       for b, index, picture in batch_overlays(passes, batch)]
+        return result
 
     def _schedule(self):
         """(steps of the full schedule, img2img (steps, t_enc) or None) for the coming pass."""

@@ -1,21 +1,55 @@
-"""Latent Diffusion Guidance: the WebUI entry point. Thin by design: the work is in ldg_core."""
+"""Latent Diffusion Guidance: the WebUI entry point. Thin by design: the work is in ldg_core.
+
+Here: the UI (accordion, slots, presets), the Settings option, image-parameter pasting, X/Y/Z
+axes and the per-generation hooks, each handing over to ldg_core at once. The sampling side
+(torch) is imported on first use, so the UI builds without it.
+"""
+
+import logging
 
 import gradio as gr
 
-from modules import (prompt_parser, script_callbacks, scripts, sd_samplers_cfg_denoiser,
-                     sd_samplers_common, sd_samplers_timesteps, shared)
+from modules import script_callbacks, scripts, shared
+from modules.ui_components import InputAccordion
 
 from ldg_core import MAX_CONCEPTS
-from ldg_core.ui_args import DIRECTIONS, GLOBAL_DEFAULTS, NEVER, SLOT_DEFAULTS, config_from_args
-from ldg_core.webui_generation import Generation, WebUIModules
+from ldg_core.paste import paste_from_params
+from ldg_core.presets import all_presets, find_preset, save_user_preset, user_presets_path
+from ldg_core.script_args import GLOBAL_OVERRIDES, settings_from_args
+from ldg_core.ui_args import (DIRECTIONS, GLOBAL_DEFAULTS, NEVER, SLOT_DEFAULTS, SLOT_FIELDS,
+                              args_from_config, config_from_args)
+
+log = logging.getLogger("latent_diffusion_guidance")
 
 TITLE = "Latent Diffusion Guidance"
-MODULES = WebUIModules(shared=shared, script_callbacks=script_callbacks,
-                       prompt_parser=prompt_parser, sd_samplers_common=sd_samplers_common,
-                       sd_samplers_cfg_denoiser=sd_samplers_cfg_denoiser,
-                       sd_samplers_timesteps=sd_samplers_timesteps)
-VISIBLE_SLOTS = 3
+SECTION = ("latent_diffusion_guidance", TITLE)
+SLOTS_OPTION = "ldg_visible_slots"
+DEFAULT_VISIBLE_SLOTS = 3
+XYZ_ATTRIBUTE = "latent_diffusion_guidance_xyz"  # a cell's axis values, on its processing copy
 _conds_cache = [None, None]  # concept conditioning, kept across generations like the WebUI's
+_modules = []  # the WebUI modules the sampling side uses, looked up once
+
+
+def visible_slots():
+    count = shared.opts.data.get(SLOTS_OPTION, DEFAULT_VISIBLE_SLOTS)
+    try:
+        return min(max(int(count), 1), MAX_CONCEPTS)
+    except (TypeError, ValueError):
+        return DEFAULT_VISIBLE_SLOTS
+
+
+def presets_path():
+    from modules import paths_internal  # the WebUI's data directory (--data-dir)
+    return user_presets_path(paths_internal.data_path)
+
+
+def presets():
+    """Built-in and user presets; a broken user file is reported and the built-ins remain."""
+    try:
+        return all_presets(presets_path())
+    except ValueError as error:
+        log.warning("Latent Diffusion Guidance: %s; only the built-in presets are offered", error)
+        return all_presets()
 
 
 class LatentDiffusionGuidanceScript(scripts.Script):
@@ -27,50 +61,226 @@ class LatentDiffusionGuidanceScript(scripts.Script):
 
     def ui(self, is_img2img):
         # The same components in the same order every time (ldg_core.ui_args): positional API
-        # arguments depend on it.
-        with gr.Accordion(TITLE, open=False, elem_id=self.elem_id("accordion")):
-            enabled = gr.Checkbox(label="Enable", value=GLOBAL_DEFAULTS["enabled"])
-            with gr.Row():
+        # arguments depend on it. Slots past the Settings count exist too, hidden.
+        shown = visible_slots()
+        with InputAccordion(GLOBAL_DEFAULTS["enabled"], label=TITLE,
+                            elem_id=self.elem_id("ldg")) as enabled:
+            with gr.Row(elem_classes=["ldg-row"]):
+                preset = gr.Dropdown(label="Preset", choices=list(presets()), value=None,
+                                     elem_id=self.elem_id("ldg_preset"),
+                                     elem_classes=["ldg-preset"])
+                preset_name = gr.Textbox(label="Save current as", placeholder="preset name",
+                                         elem_id=self.elem_id("ldg_preset_name"),
+                                         elem_classes=["ldg-preset-name"])
+                save = gr.Button("Save preset", elem_id=self.elem_id("ldg_save"),
+                                 elem_classes=["ldg-save"])
+            preset_status = gr.Markdown("", elem_classes=["ldg-status"])
+            with gr.Row(elem_classes=["ldg-row"]):
                 momentum_scale = gr.Number(label="Momentum scale",
-                                           value=GLOBAL_DEFAULTS["momentum_scale"])
+                                           value=GLOBAL_DEFAULTS["momentum_scale"],
+                                           elem_id=self.elem_id("ldg_momentum_scale"),
+                                           elem_classes=["ldg-momentum-scale"])
                 momentum_beta = gr.Slider(label="Momentum beta", minimum=0.0, maximum=1.0,
-                                          step=0.01, value=GLOBAL_DEFAULTS["momentum_beta"])
-            slots = []
+                                          step=0.01, value=GLOBAL_DEFAULTS["momentum_beta"],
+                                          elem_id=self.elem_id("ldg_momentum_beta"),
+                                          elem_classes=["ldg-momentum-beta"])
+                concept_maps = gr.Checkbox(label="Show where each concept acted", value=False,
+                                           elem_id=self.elem_id("ldg_concept_maps"),
+                                           elem_classes=["ldg-concept-maps"])
+            slots, groups = [], []
             for slot in range(MAX_CONCEPTS):
-                slots.extend(self._slot_ui(slot, visible=slot < VISIBLE_SLOTS))
-        return [enabled, momentum_scale, momentum_beta] + slots
+                group, fields = self._slot_ui(slot, visible=slot < shown)
+                groups.append(group)
+                slots.extend(fields)
+        args = [enabled, momentum_scale, momentum_beta] + slots + [concept_maps]
+        self._wire_presets(preset, preset_name, save, preset_status, args, groups)
+        self._wire_paste(args, groups)
+        return args
 
     def _slot_ui(self, slot, visible):
-        d = SLOT_DEFAULTS
-        with gr.Group(visible=visible):
-            with gr.Row():
-                slot_enabled = gr.Checkbox(label=f"Concept {slot + 1}", value=d["slot_enabled"])
-                direction = gr.Radio(label="Direction", choices=list(DIRECTIONS),
-                                     value=d["direction"])
-            prompt = gr.Textbox(label="Concept prompt", lines=2, value=d["prompt"])
-            with gr.Row():
-                scale = gr.Number(label="Scale", value=d["scale"])
-                threshold = gr.Slider(label="Threshold", minimum=0.0, maximum=1.0, step=0.01,
-                                      value=d["threshold"])
-                warmup = gr.Number(label="Warmup", value=d["warmup"], precision=0)
-                cooldown = gr.Number(label=f"Cooldown ({NEVER} = never)", value=d["cooldown"],
-                                     precision=0)
-                weight = gr.Number(label="Weight", value=d["weight"])
-        return [slot_enabled, prompt, direction, scale, threshold, warmup, cooldown, weight]
+        d, n = SLOT_DEFAULTS, slot + 1
+
+        def ids(field):
+            return {"elem_id": self.elem_id(f"ldg_slot{n}_{field}"), "elem_classes": [f"ldg-{field}"]}
+        with gr.Group(visible=visible, elem_classes=["ldg-slot"]) as group:
+            with gr.Row(elem_classes=["ldg-row", "ldg-head"]):
+                slot_enabled = gr.Checkbox(label=f"Concept {n}", value=d["slot_enabled"],
+                                           scale=0, min_width=110, **ids("slot_enabled"))
+                prompt = gr.Textbox(label="Concept prompt", show_label=False, lines=2,
+                                    value=d["prompt"], scale=4,
+                                    placeholder=f"concept {n}: the whole text is one concept, "
+                                                "commas included", **ids("prompt"))
+                direction = gr.Radio(label="Direction", show_label=False, choices=list(DIRECTIONS),
+                                     value=d["direction"], scale=0, min_width=160,
+                                     **ids("direction"))
+            with gr.Row(elem_classes=["ldg-row", "ldg-numbers"]):
+                scale = gr.Number(label="Scale", value=d["scale"], **ids("scale"))
+                threshold = gr.Slider(label="Threshold", minimum=0.0, maximum=1.0, step=0.005,
+                                      value=d["threshold"], **ids("threshold"))
+                warmup = gr.Number(label="Warmup", value=d["warmup"], precision=0, **ids("warmup"))
+                cooldown = gr.Number(label=f"Cooldown ({NEVER} never)", value=d["cooldown"],
+                                     precision=0, **ids("cooldown"))
+                weight = gr.Number(label="Weight", value=d["weight"], **ids("weight"))
+        return group, [slot_enabled, prompt, direction, scale, threshold, warmup, cooldown,
+                       weight]
+
+    def _wire_presets(self, preset, preset_name, save, status, args, groups):
+        settings = args[1:-1]  # momentum scale, beta and every slot field
+
+        def fill(name):
+            if not name:
+                return [gr.update()] * (len(settings) + len(groups))
+            config = find_preset(name, presets()).config
+            values = args_from_config(config)[1:1 + len(settings)]
+            shown = [gr.update(visible=True) if i < len(config.concepts) else gr.update()
+                     for i in range(len(groups))]
+            return [gr.update(value=v) for v in values] + shown
+        preset.change(fn=fill, inputs=[preset], outputs=settings + groups, show_progress=False)
+
+        def store(name, *values):
+            try:
+                config = config_from_args([True, *values])
+                if config is None:
+                    raise ValueError("a preset needs at least one concept with a prompt")
+                save_user_preset(presets_path(), name, config)
+            except ValueError as error:
+                return gr.update(), f"Not saved: {error}"
+            return gr.update(choices=list(presets()), value=name.strip()), f"Saved {name.strip()!r}."
+        save.click(fn=store, inputs=[preset_name] + settings, outputs=[preset, status],
+                   show_progress=False)
+
+    def _wire_paste(self, args, groups):
+        """Image parameters -> fields (ldg_core.paste); each field asks for its own value."""
+        last = []
+
+        def paste(params):
+            if not last or last[0] is not params:  # one parse (and one warning) per paste
+                result = paste_from_params(params)
+                if result.warning:
+                    log.warning("%s", result.warning)
+                last[:] = [params, result]
+            return last[1]
+
+        def field(position):
+            def value(params):
+                result = paste(params)
+                return (gr.update(value=result.values[position]) if position in result.values
+                        else gr.update())
+            return value
+
+        def shown(slot):
+            return lambda params: gr.update(visible=True) if slot < paste(params).concepts \
+                else gr.update()
+        self.infotext_fields = ([(component, field(i)) for i, component in enumerate(args[:-1])]
+                                + [(group, shown(s)) for s, group in enumerate(groups)])
 
     def process(self, p, *args):
+        from ldg_core.webui_generation import INFOTEXT_KEY, SEPARATE_CALL_KEY, Generation
+        for key in (INFOTEXT_KEY, SEPARATE_CALL_KEY):  # ours, from an earlier X/Y/Z cell
+            p.extra_generation_params.pop(key, None)
         try:
-            config, error = config_from_args(args), None
+            settings = settings_from_args(args, presets(), getattr(p, XYZ_ATTRIBUTE, None))
+            config, maps, error = settings.config, settings.concept_maps, None
         except ValueError as bad:
-            config, error = None, bad
-        Generation.attach(p, config, MODULES, _conds_cache, error)
+            config, maps, error = None, False, bad
+        Generation.attach(p, config, webui_modules(), _conds_cache, error, concept_maps=maps)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
+        from ldg_core.webui_generation import Generation
         generation = Generation.of(p)
         if generation is not None:
             generation.start_pass(kwargs["c"])
 
     def postprocess(self, p, processed, *args):
+        from ldg_core.webui_generation import Generation
         generation = Generation.of(p)
-        if generation is not None:
-            generation.unregister()
+        if generation is None:
+            return
+        generation.unregister()
+        if generation.map_batches and hasattr(processed, "images"):
+            add_concept_maps(p, processed, generation)
+
+
+def webui_modules():
+    if not _modules:
+        from modules import (prompt_parser, sd_samplers_cfg_denoiser, sd_samplers_common,
+                             sd_samplers_timesteps)
+
+        from ldg_core.webui_generation import WebUIModules
+        _modules.append(WebUIModules(
+            shared=shared, script_callbacks=script_callbacks, prompt_parser=prompt_parser,
+            sd_samplers_common=sd_samplers_common,
+            sd_samplers_cfg_denoiser=sd_samplers_cfg_denoiser,
+            sd_samplers_timesteps=sd_samplers_timesteps))
+    return _modules[0]
+
+
+def add_concept_maps(p, processed, generation):
+    """Appends one overlay per image and concept to the gallery (and the API's images), after
+    the generated images; they are not saved unless the user saves them."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    first = getattr(processed, "index_of_first_image", 0)
+    pictures = processed.images[first:first + p.n_iter * p.batch_size]
+    arrays = [np.asarray(image.convert("RGB")) for image in pictures]
+    concepts = generation.config.concepts
+    for image_index, concept_index, overlay in generation.concept_map_overlays(arrays):
+        concept = concepts[concept_index]
+        picture = Image.fromarray(overlay)
+        direction = "remove" if concept.reverse else "add"
+        label = f"concept {concept_index + 1}: {direction} {concept.prompt[:40]!r}"
+        ImageDraw.Draw(picture).text((4, 4), label, fill=(255, 255, 255), stroke_width=2,
+                                     stroke_fill=(0, 0, 0))
+        processed.images.append(picture)
+        infotexts = getattr(processed, "infotexts", None)
+        if isinstance(infotexts, list) and first + image_index < len(infotexts):
+            infotexts.append(infotexts[first + image_index])
+
+
+# -- Settings and X/Y/Z axes, registered once when the script loads -------------------------
+
+def add_settings():
+    """The Settings section; more options of this extension go here, next to this one."""
+    shared.opts.add_option(SLOTS_OPTION, shared.OptionInfo(
+        DEFAULT_VISIBLE_SLOTS, "Concept slots shown in txt2img and img2img", gr.Slider,
+        {"minimum": 1, "maximum": MAX_CONCEPTS, "step": 1}, section=SECTION).needs_reload_ui())
+
+
+def xyz_module():
+    for data in scripts.scripts_data:
+        if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid"):
+            return data.module
+    return None
+
+
+def set_override(key):
+    def apply(p, value, values):
+        # A new dict: processing copies of one grid share the original's attributes.
+        setattr(p, XYZ_ATTRIBUTE, {**getattr(p, XYZ_ATTRIBUTE, {}), key: value})
+    return apply
+
+
+def add_xyz_axes():
+    xyz = xyz_module()
+    if xyz is None or any(o.label.startswith("[LDG]") for o in xyz.axis_options):
+        return
+    types = {"momentum_scale": float, "momentum_beta": float, "prompt": str, "direction": str,
+             "scale": float, "threshold": float, "warmup": int, "cooldown": str, "weight": float}
+    choices = {"enabled": lambda: ["True", "False"], "preset": lambda: list(presets()),
+               "direction": lambda: list(DIRECTIONS)}
+    options = []
+    for key in GLOBAL_OVERRIDES:
+        label = "[LDG] " + key.replace("_", " ").capitalize()
+        options.append(xyz.AxisOption(label, types.get(key, str), set_override(key),
+                                      choices=choices.get(key)))
+    for slot in range(visible_slots()):
+        for field in SLOT_FIELDS[1:]:
+            options.append(xyz.AxisOption(f"[LDG] Concept {slot + 1} {field}", types[field],
+                                          set_override((slot, field)),
+                                          choices=choices.get(field)))
+    xyz.axis_options.extend(options)
+
+
+script_callbacks.on_ui_settings(add_settings)
+script_callbacks.on_before_ui(add_xyz_axes)

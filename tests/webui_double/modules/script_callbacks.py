@@ -2,7 +2,8 @@
 an exception in a callback is reported and swallowed), L447-453 (remove_callbacks_for_function)."""
 from dataclasses import dataclass
 
-callbacks = {"cfg_denoiser": [], "cfg_denoised": [], "cfg_after_cfg": []}
+callbacks = {"cfg_denoiser": [], "cfg_denoised": [], "cfg_after_cfg": [], "ui_settings": [],
+             "before_ui": []}
 reported = []  # exceptions the WebUI would have logged
 
 
@@ -47,6 +48,14 @@ def on_cfg_after_cfg(callback, *, name=None):
     _add("cfg_after_cfg", callback, name)
 
 
+def on_ui_settings(callback, *, name=None):
+    _add("ui_settings", callback, name)
+
+
+def on_before_ui(callback, *, name=None):
+    _add("before_ui", callback, name)
+
+
 def remove_callbacks_for_function(callback_func):
     for entries in callbacks.values():
         for entry in [c for c in entries if c.callback == callback_func]:
@@ -74,4 +83,5 @@ def cfg_after_cfg_callback(params):
 
 
 def registered_count():
-    return sum(len(v) for v in callbacks.values())
+    """Callbacks of the sampling kinds (UI callbacks are registered once at load)."""
+    return sum(len(callbacks[k]) for k in ("cfg_denoiser", "cfg_denoised", "cfg_after_cfg"))

@@ -1,6 +1,7 @@
 """modules/scripts.py: AlwaysVisible, Script and the runner's hook calls, each wrapped in
 try/except as the WebUI does (L820-996): an exception in a hook is reported, never raised."""
 AlwaysVisible = object()
+scripts_data = []  # (script_class, path, basedir, module) of every loaded script (L316-330)
 
 
 class Script:
