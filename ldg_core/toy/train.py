@@ -69,7 +69,7 @@ def train(steps: int, batch: int = 64, seed: int = 0, lr: float = 1e-3, ema_deca
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--threads", type=int, default=2,
