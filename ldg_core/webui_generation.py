@@ -19,6 +19,7 @@ from .webui_adapter import (REFUSED_SAMPLERS, PassGuidance, WebUIFunctions, can_
 log = logging.getLogger("latent_diffusion_guidance")
 
 INFOTEXT_KEY = "Latent Diffusion Guidance"
+MAX_ROWS_OPTION = "ldg_max_rows_per_call"  # Settings: rows per model call of ours, 0 = no limit
 SEPARATE_CALL_KEY = "Latent Diffusion Guidance rows"
 # Image parameters by which neighbours that read the CFG denoiser's rows announce themselves.
 ROW_READING_EXTENSIONS = {"Dynamic thresholding enabled": "Dynamic Thresholding",
@@ -138,12 +139,32 @@ class Generation:
                            img2img_schedule=schedule)
         conds = self._encode()
         repeats = [len(rows) for rows in c.batch]
+        max_rows = self._max_rows(sum(repeats) + len(repeats), len(repeats))
         guidance = PassGuidance(
             self.config, clock=clock, owner=p, concept_schedules=conds,
             first_prompt_rows=[0] + list(itertools.accumulate(repeats))[:-1],
             eps_outputs=timesteps, webui=self._functions(),
-            separate_call=self._separate_call_needed(c, conds), end_step=steps)
+            separate_call=self._separate_call_needed(c, conds), end_step=steps,
+            max_rows=max_rows)
         return guidance, steps
+
+    def _max_rows(self, webui_rows: int, images: int) -> int:
+        """The Settings' row limit for our model calls (0 = none). With ControlNet, whose
+        per-row state cannot follow rows in other calls, a limit the concept rows would pass
+        stops the generation (every concept's rows are in every call there)."""
+        limit = getattr(self.m.shared.opts, MAX_ROWS_OPTION, 0) or 0
+        try:
+            limit = max(int(limit), 0)
+        except (TypeError, ValueError):
+            raise GuidanceError(f"the setting 'Max rows per UNet call' must be a whole number "
+                                f">= 0, got {limit!r}")
+        rows = webui_rows + len(self.config.concepts) * images
+        if 0 < limit < rows and _enabled_controlnet_units(self.p):
+            raise GuidanceError(f"'Max rows per UNet call' is {limit}, below the {rows} rows of a "
+                                "model call with every concept, so concepts would need extra "
+                                "model calls, which ControlNet cannot follow: raise the limit "
+                                "(0 = none) or turn ControlNet or guidance off")
+        return limit
 
     def _schedule(self):
         """(steps of the full schedule, img2img (steps, t_enc) or None) for the coming pass."""

@@ -7,7 +7,7 @@ from modules import (prompt_parser, script_callbacks, scripts, sd_samplers_cfg_d
 
 from ldg_core import MAX_CONCEPTS
 from ldg_core.ui_args import DIRECTIONS, GLOBAL_DEFAULTS, NEVER, SLOT_DEFAULTS, config_from_args
-from ldg_core.webui_generation import Generation, WebUIModules
+from ldg_core.webui_generation import MAX_ROWS_OPTION, Generation, WebUIModules
 
 TITLE = "Latent Diffusion Guidance"
 MODULES = WebUIModules(shared=shared, script_callbacks=script_callbacks,
@@ -15,7 +15,20 @@ MODULES = WebUIModules(shared=shared, script_callbacks=script_callbacks,
                        sd_samplers_cfg_denoiser=sd_samplers_cfg_denoiser,
                        sd_samplers_timesteps=sd_samplers_timesteps)
 VISIBLE_SLOTS = 3
+SETTINGS_SECTION = ("latent_diffusion_guidance", TITLE)
 _conds_cache = [None, None]  # concept conditioning, kept across generations like the WebUI's
+
+
+def on_ui_settings():
+    """The extension's section of the WebUI Settings."""
+    shared.opts.add_option(MAX_ROWS_OPTION, shared.OptionInfo(
+        0, "Max rows per UNet call (0 = no limit)", gr.Number, {"precision": 0, "minimum": 0},
+        section=SETTINGS_SECTION).info(
+        "caps memory: concept rows that would make a model call larger are evaluated in extra "
+        "calls of at most this many rows; same image, slower"))
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
 
 
 class LatentDiffusionGuidanceScript(scripts.Script):

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(__file__))
 if DOUBLE not in sys.path:
     sys.path.insert(0, DOUBLE)
 
-from modules import processing, scripts  # noqa: E402
+from modules import processing, script_callbacks, scripts  # noqa: E402
 
 from ldg_core.ui_args import GLOBAL_FIELDS, SLOT_FIELDS, default_args  # noqa: E402
 
@@ -40,6 +40,7 @@ def script_args(concepts=(), enabled=True, momentum_scale=0.1, momentum_beta=0.4
 
 def generate(p_kwargs, args=None, extra_scripts=()):
     """One generation with our script (args None: the extension is not installed at all)."""
+    script_callbacks.ui_settings_callback()  # the Settings exist before any generation
     p = processing.Processing(**p_kwargs)
     entries = [] if args is None else [(SCRIPT_MODULE.LatentDiffusionGuidanceScript(), args)]
     runner = scripts.ScriptRunner(entries + list(extra_scripts))
