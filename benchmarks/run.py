@@ -199,6 +199,55 @@ def hook_timer(device: str):
             setattr(Generation, name, fn)
 
 
+class UNetTimer:
+    """Accumulates the time spent inside the model's apply_model (the UNet calls)."""
+
+    def __init__(self, model, device):
+        self.model, self.device, self.spent = model, device, 0.0
+
+    def __enter__(self):
+        inner = self.model.apply_model
+
+        def timed(x, t, cond):
+            sync(self.device)
+            start = time.perf_counter()
+            try:
+                return inner(x, t, cond)
+            finally:
+                sync(self.device)
+                self.spent += time.perf_counter() - start
+        self.model.apply_model = timed
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.apply_model
+
+
+@contextlib.contextmanager
+def script_timer():
+    """Accumulates the time spent inside our script's hooks."""
+    spent = [0.0]
+    cls = h.SCRIPT_MODULE.LatentDiffusionGuidanceScript
+    names = ("process", "process_before_every_sampling", "postprocess")
+    originals = {n: getattr(cls, n) for n in names}
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return wrapper
+    for name, fn in originals.items():
+        setattr(cls, name, timed(fn))
+    try:
+        yield spent
+    finally:
+        for name, fn in originals.items():
+            setattr(cls, name, fn)
+
+
 class RowCounter:
     """Counts the rows of every model call (wraps the model's apply_model)."""
 
@@ -237,18 +286,20 @@ def ideal_forward(setup: Setup, rows: int):
 def table_overhead(setup: Setup, collected: dict) -> Table:
     table = Table("1. Overhead vs the ideal",
                   ["B", "N", "rows per call", "ideal forward (ms, median)",
-                   "guided step (ms, median)", "guided step / ideal", "our hooks / step"])
+                   "guided step (ms, median)", "guided step / ideal",
+                   "guided generation / its own UNet calls", "our hooks / step"])
     for batch in setup.batches:
         for n in setup.concept_counts:
             rows = (2 + n) * batch
             guided = generation(setup, batch=batch, steps=setup.steps,
                                 args=h.script_args(concepts(n), momentum_scale=0.1))
-            spent_per_repeat = []
+            spent_per_repeat, unet_per_repeat = [], []
 
             def timed_guided():
-                with hook_timer(setup.device) as spent:
+                with hook_timer(setup.device) as spent, UNetTimer(setup.model(), setup.device) as unet:
                     guided()
                 spent_per_repeat.append(spent[0])
+                unet_per_repeat.append(unet.spent)
             # On a CPU only the first configuration is warmed up: a forward costs seconds and
             # the UNet stays warm from one configuration to the next.
             warm = True if setup.cuda or setup.quick or not collected else False
@@ -256,16 +307,23 @@ def table_overhead(setup: Setup, collected: dict) -> Table:
                                 setup.repeats, setup.device, warmup=warm)
             per_step = [t / setup.steps for t in times["guided"]]
             hooks = [s / t for s, t in zip(spent_per_repeat[-setup.repeats:], times["guided"])]
+            own_unet = unet_per_repeat[-setup.repeats:]
             collected[(batch, n)] = {"ideal": times["ideal"], "step": per_step, "hooks": hooks}
             table.rows.append([batch, n, rows, ms(times["ideal"]), ms(per_step),
                                ratio(per_step, times["ideal"]),
-                               f"{statistics.median(hooks) * 100:.2f}%"])
+                               ratio(times["guided"], own_unet),
+                               f"{statistics.median(hooks) * 100:.3f}%"])
     table.notes += [
         f"Guided: a {setup.steps}-step Euler generation through the WebUI double with our script "
         "enabled, every concept active at every step (warmup 0, momentum 0.1), timed whole and "
         "divided by its steps (so it also carries the WebUI's own per-generation set-up, the "
         "CFG combination and the sampler). Ideal: one UNet forward over the same (2 + N) x B "
         "rows. Target: guided / ideal <= 1.03.",
+        "Guided generation / its own UNet calls: the same guided runs, whole, against the time "
+        "spent inside their own model calls (all (2 + N) x B rows in one call per step), timed "
+        "within the same seconds, so load that drifts between repeats cancels out; the rest is "
+        "everything a generation does besides the UNet (the WebUI's set-up, CFG and sampler, "
+        "and our hooks).",
         "Our hooks / step: time inside the extension's three CFG callbacks (adding rows, eps "
         "conversions, masks, momentum, applying the edit) as a share of the guided step."]
     return table
@@ -468,20 +526,33 @@ def table_math_share(setup: Setup, collected: dict) -> Table:
 
 def table_disabled(setup: Setup) -> Table:
     table = Table("4. Disabled vs no extension at all",
-                  ["model", "steps", "repeats", "disabled / not installed"])
+                  ["model", "steps", "repeats", "disabled / not installed",
+                   "time inside our script, disabled / generation", "callbacks left registered"])
     tiny = BenchSD(build_unet(TINY, device=setup.device))
     steps, repeats = 8, (3 if setup.quick else 21)
-    off = generation(setup, batch=1, steps=steps, args=h.script_args(concepts(2), enabled=False),
-                     model=tiny)
+    off_run = generation(setup, batch=1, steps=steps,
+                         args=h.script_args(concepts(2), enabled=False), model=tiny)
     none = generation(setup, batch=1, steps=steps, args=None, model=tiny)
+    inside = []
+
+    def off():
+        with script_timer() as spent:
+            off_run()
+        inside.append(spent[0])
     times = interleaved({"off": off, "none": none}, repeats, setup.device)
+    share = [s / t for s, t in zip(inside[-repeats:], times["off"])]
     table.rows.append([f"tiny UNet, {setup.latent}x{setup.latent}", steps, repeats,
-                       ratio(times["off"], times["none"])])
+                       ratio(times["off"], times["none"]),
+                       f"{statistics.median(share) * 100:.4f}% (max {max(share) * 100:.4f}%)",
+                       script_callbacks.registered_count()])
     table.notes.append(
         "Whole generations through the WebUI double: the extension installed with two concepts "
         "but Enable off, vs no extension. On the tiny UNet, where a step is cheap, any overhead "
         "of ours would show most; disabled, the script returns from process() without "
-        "registering anything. Target: not measurable (<= 1%); the spread is the noise floor.")
+        "registering anything. Target: not measurable (<= 1%); the spread of the whole-run "
+        "ratio is the noise floor of a shared machine, so the time spent inside our script's "
+        "hooks (process, process_before_every_sampling, postprocess) is measured too, as a share "
+        "of the same generation: what disabled costs at most.")
     return table
 
 
@@ -513,18 +584,25 @@ def activation_sizes(config: dict, latent: int, dtype) -> dict:
 
 
 PEAK_CHILD = r"""
-import json, os, resource, sys, torch
+import gc, json, os, sys, torch
 if os.environ.get("LDG_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["LDG_BENCH_THREADS"]))
 from benchmarks.sd_model import SD15, TINY, build_unet
 config, rows, latent = json.loads(sys.argv[1])
 unet = build_unet(SD15 if config == "sd15" else TINY)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+inputs = (torch.randn(rows, 4, latent, latent), torch.full((rows,), 500.0),
+          torch.randn(rows, 77, unet.config.cross_attention_dim))
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak RSS, to the current RSS
+    f.write("5")
+before = status("VmRSS:")
 with torch.no_grad():
-    unet(torch.randn(rows, 4, latent, latent), torch.full((rows,), 500.0),
-         encoder_hidden_states=torch.randn(rows, 77, unet.config.cross_attention_dim))
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"before": before * 1024, "after": after * 1024}))
+    unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2])
+print(json.dumps({"before": before, "peak": status("VmHWM:")}))
 """
 
 
@@ -582,7 +660,9 @@ def table_memory(setup: Setup) -> Table:
                 elif setup.quick or largest in (2 * batch, (2 + max(setup.concept_counts)) * batch):
                     if largest not in peaks:  # on a CPU, only the smallest and largest calls
                         peaks[largest] = peak_rss(config_name, largest, setup.latent)
-                    peak = f"{peaks[largest]['after'] / 2 ** 20:.0f}"
+                    got = peaks[largest]
+                    peak = (f"{got['peak'] / 2 ** 20:.0f} (+{(got['peak'] - got['before']) / 2 ** 20:.0f}"
+                            " over the model)")
                 else:
                     peak = "not run (CPU time)"
                 table.rows.append([batch, n, limit or "0 (none)", f"{len(rows)} ({'+'.join(map(str, rows))})",
@@ -597,10 +677,21 @@ def table_memory(setup: Setup) -> Table:
         f"tensor {per_row[torch.float32]['largest'] / 2 ** 20:.1f} MiB), times the rows of the "
         "largest call: an upper bound of what a call holds at once, linear in its rows.",
         f"UNet weights: {weights / 2 ** 20:.0f} MiB in fp32."]
+    sizes = Table("5b. Activations per row by latent size (meta device: shapes only)",
+                  ["latent", "dtype", "sum of module outputs per row (MiB)",
+                   "largest single tensor (MiB)"])
+    for latent in sorted({setup.latent, 64, 96, 128} if not setup.quick else {setup.latent}):
+        for dtype in (torch.float32, torch.float16):
+            a = activation_sizes(config, latent, dtype)
+            sizes.rows.append([f"{latent}x{latent}", str(dtype).replace("torch.", ""),
+                               f"{a['sum'] / 2 ** 20:.0f}", f"{a['largest'] / 2 ** 20:.1f}"])
+    table.notes.append(sizes.markdown())
     if not setup.cuda:
         table.notes.append(
-            "CPU: peak RSS of a fresh process that builds the UNet and runs one forward of that "
-            "many rows (weights included); ru_maxrss is a CPU process figure, not VRAM. The GPU "
+            "CPU: peak RSS (VmHWM, reset after the UNet is built) of a fresh process running one "
+            "forward of that many rows, and how much of it the forward added over the resident "
+            "model; on the CPU only the smallest and largest calls are run. It is a CPU process "
+            "figure, not VRAM. The GPU "
             "figure (torch.cuda.max_memory_allocated of a guided step through the double) needs "
             "`--device cuda`; no GPU was available for this run.")
     return table
