@@ -20,6 +20,7 @@ SLOT_FIELDS = ("slot_enabled", "prompt", "direction", "scale", "threshold", "war
                "cooldown", "weight")
 DIRECTIONS = ("add", "remove")
 NEVER = -1  # the cooldown value that means "never" (None is accepted too)
+MAX_ROWS_OPTION = "ldg_max_rows_per_call"  # Settings: rows per model call of ours, 0 = no limit
 
 SLOT_DEFAULTS = {"slot_enabled": True, "prompt": "", "direction": "add",
                  "scale": defaults.DEFAULT_SCALE, "threshold": defaults.DEFAULT_THRESHOLD,

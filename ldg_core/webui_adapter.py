@@ -11,12 +11,16 @@ and lets callbacks change them. For each call this adapter
   3. on_cfg_after_cfg: adds the edit to the combined result, in the sampler's own space.
 Where added rows cannot be used (a concept longer than the prompt rows), the concept rows are
 evaluated instead in a separate call of the same inner model from on_cfg_denoised: the same
-inputs, so the same estimates, for one extra model call per step.
+inputs, so the same estimates, for one extra model call per step. The same path caps memory:
+with a limit on rows per model call ("Max rows per UNet call"), a call that the concept rows
+would push past it is left as the WebUI made it, and the concept rows are evaluated in extra
+calls of at most that many rows each.
 Nothing of the WebUI is imported here: what is needed of it comes in as `WebUIFunctions`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple
@@ -111,6 +115,7 @@ class _Call:
     denoiser: Any
     image_cond: Optional[torch.Tensor] = None  # kept for a separate call
     tokens: int = 0  # the prompt rows' token length
+    extra_calls: bool = False  # concept rows evaluated in calls of their own
     edit: Optional[torch.Tensor] = None
 
 
@@ -120,10 +125,11 @@ class PassGuidance:
     def __init__(self, config: GuidanceConfig, *, clock: StepClock, owner: Any,
                  concept_schedules: Sequence[Any], first_prompt_rows: Sequence[int],
                  eps_outputs: bool, webui: WebUIFunctions, separate_call: bool = False,
-                 end_step: Optional[int] = None,
+                 end_step: Optional[int] = None, max_rows: int = 0,
                  observer: Optional[Callable[[int, torch.Tensor], None]] = None):
         self.guidance = SemanticGuidance(config, end_step=end_step, observer=observer)
         self.separate_call = separate_call
+        self.max_rows = max(int(max_rows), 0)  # rows per model call of ours; 0 = no limit
         self.clock = clock
         self.owner = owner  # the processing object our script set up; other passes are left alone
         self.schedules = list(concept_schedules)  # per concept, as get_learned_conditioning gives
@@ -158,9 +164,12 @@ class PassGuidance:
             # ControlNet caches per-row state at the first call's row count (hook.py
             # L547, L700-708): keep every concept's rows at every call of the pass.
             needed = tuple(range(len(self.guidance.config.concepts)))
+        # Past the row limit, the WebUI's call stays as it is and concepts get calls of their own.
+        over_limit = 0 < self.max_rows < params.x.shape[0] + len(needed) * images
         self._call = _Call(index, needed, prompt_rows, images, params.x[-images:], sigma_images,
-                           denoiser, params.image_cond[-images:], token_count(params.text_cond))
-        if needed and not self.separate_call:
+                           denoiser, params.image_cond[-images:], token_count(params.text_cond),
+                           extra_calls=self.separate_call or over_limit)
+        if needed and not self._call.extra_calls:
             self._add_concept_rows(params, denoiser.step)
 
     def on_cfg_denoised(self, params) -> None:
@@ -171,9 +180,11 @@ class PassGuidance:
         uncond = self._to_eps(out[-b:], call)
         cond = self._to_eps(out[self.first_prompt_rows], call)
         concepts = None
-        if k and self.separate_call:
-            concepts = torch.stack([self._to_eps(self._evaluate(params.inner_model, i), call)
-                                    for i in call.needed])
+        if k and call.extra_calls:
+            rows = self._evaluate_concepts(params.inner_model)
+            if rows is None:
+                return
+            concepts = self._to_eps(rows, call)
         elif k:
             rows = out[call.prompt_rows:call.prompt_rows + k * b]
             concepts = self._to_eps(rows.view(k, *uncond.shape), call)
@@ -209,14 +220,52 @@ class PassGuidance:
         params.sigma = _insert_before_last(params.sigma, b, k)
         params.image_cond = _insert_before_last(params.image_cond, b, k)
 
-    def _evaluate(self, inner_model, index: int) -> torch.Tensor:
-        """One concept's rows in a model call of their own, with the uncond rows' inputs."""
+    def _evaluate_concepts(self, inner_model) -> Optional[torch.Tensor]:
+        """The needed concepts' rows, [K, B, C, H, W], from model calls of their own with the
+        uncond rows' inputs: one call per concept, or with a row limit, calls of at most
+        max_rows rows (concept by concept, image by image; a call never mixes token lengths).
+        """
+        call = self._call
+        conds = [self._concept_cond(index) for index in call.needed]
+        if any(cond is None for cond in conds):
+            return None
+        b = call.images
+        if not self.max_rows:
+            return torch.stack([self._evaluate(inner_model, [(c, b)], slice(None)) for c in conds])
+        rows = [(j, i) for j in range(len(conds)) for i in range(b)]
+        outputs, start = [], 0
+        while start < len(rows):
+            end = start + 1
+            while (end < len(rows) and end - start < self.max_rows
+                   and token_count(conds[rows[end][0]]) == token_count(conds[rows[start][0]])):
+                end += 1
+            chunk = rows[start:end]
+            groups = [(conds[j], len(list(group)))
+                      for j, group in itertools.groupby(chunk, key=lambda row: row[0])]
+            outputs.append(self._evaluate(inner_model, groups, [i for _, i in chunk]))
+            start = end
+        out = torch.cat(outputs)
+        return out.view(len(conds), b, *out.shape[1:])
+
+    def _concept_cond(self, index: int) -> Any:
+        """A concept's one-row conditioning for this call, padded (and marked) as it would be
+        among the prompt rows; in a separate call, a longer concept keeps its own length."""
         call = self._call
         cond = self.webui.reconstruct_cond_batch([self.schedules[index]], call.denoiser.step)
-        if token_count(cond) < call.tokens:  # padded as in the prompt rows' call
+        if not self.separate_call or token_count(cond) < call.tokens:
             cond = self._pad_to(cond, call.tokens)
-        condition = self.webui.condition(_rows_of(cond, call.images), call.image_cond)
-        return inner_model(call.x, call.sigma, cond=condition)
+        return cond
+
+    def _evaluate(self, inner_model, groups: Sequence[Tuple[Any, int]], images) -> torch.Tensor:
+        """One model call: `count` rows of each (cond, count) group, in order, whose inputs are
+        those of the uncond rows of `images` (indices, or a slice)."""
+        call = self._call
+        conds = [_rows_of(cond, count) for cond, count in groups]
+        cond = conds[0] if len(conds) == 1 else self.webui.catenate_conds(conds)
+        if isinstance(conds[0], dict) and not isinstance(cond, type(conds[0])):
+            cond = type(conds[0])(cond)  # keep DictWithShape
+        condition = self.webui.condition(cond, call.image_cond[images])
+        return inner_model(call.x[images], call.sigma[images], cond=condition)
 
     def _pad_to(self, conds: Any, tokens: int) -> Any:
         empty = self.webui.empty_cond()

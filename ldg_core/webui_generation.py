@@ -14,6 +14,7 @@ from typing import Any, Callable, List, Optional, Tuple
 from .concept_maps import ConceptMapRecorder, batch_overlays
 from .config import GuidanceConfig
 from .text_form import to_text
+from .ui_args import MAX_ROWS_OPTION
 from .webui_adapter import (REFUSED_SAMPLERS, PassGuidance, WebUIFunctions, can_act, step_clock,
                             token_count)
 
@@ -143,6 +144,7 @@ class Generation:
                            img2img_schedule=schedule)
         conds = self._encode()
         repeats = [len(rows) for rows in c.batch]
+        max_rows = self._max_rows(sum(repeats) + len(repeats), len(repeats))
         observer = None
         if self.map_batches is not None:
             if not getattr(p, "is_hr_pass", False) or not self.map_batches:
@@ -155,7 +157,7 @@ class Generation:
             first_prompt_rows=[0] + list(itertools.accumulate(repeats))[:-1],
             eps_outputs=timesteps, webui=self._functions(),
             separate_call=self._separate_call_needed(c, conds), end_step=steps,
-            observer=observer)
+            max_rows=max_rows, observer=observer)
         return guidance, steps
 
     def concept_map_overlays(self, images: List[Any]) -> List[Tuple[int, int, Any]]:
@@ -168,6 +170,24 @@ class Generation:
             result += [(number * size + b, index, picture)
                        for b, index, picture in batch_overlays(passes, batch)]
         return result
+
+    def _max_rows(self, webui_rows: int, images: int) -> int:
+        """The Settings' row limit for our model calls (0 = none). With ControlNet, whose
+        per-row state cannot follow rows in other calls, a limit the concept rows would pass
+        stops the generation (every concept's rows are in every call there)."""
+        limit = getattr(self.m.shared.opts, MAX_ROWS_OPTION, 0) or 0
+        try:
+            limit = max(int(limit), 0)
+        except (TypeError, ValueError):
+            raise GuidanceError(f"the setting 'Max rows per UNet call' must be a whole number "
+                                f">= 0, got {limit!r}")
+        rows = webui_rows + len(self.config.concepts) * images
+        if 0 < limit < rows and _enabled_controlnet_units(self.p):
+            raise GuidanceError(f"'Max rows per UNet call' is {limit}, below the {rows} rows of a "
+                                "model call with every concept, so concepts would need extra "
+                                "model calls, which ControlNet cannot follow: raise the limit "
+                                "(0 = none) or turn ControlNet or guidance off")
+        return limit
 
     def _schedule(self):
         """(steps of the full schedule, img2img (steps, t_enc) or None) for the coming pass."""

@@ -17,7 +17,7 @@ from ldg_core.paste import paste_from_params
 from ldg_core.presets import all_presets, find_preset, save_user_preset, user_presets_path
 from ldg_core.script_args import GLOBAL_OVERRIDES, settings_from_args
 from ldg_core.ui_args import (DIRECTIONS, GLOBAL_DEFAULTS, NEVER, SLOT_DEFAULTS, SLOT_FIELDS,
-                              args_from_config, config_from_args)
+                              MAX_ROWS_OPTION, args_from_config, config_from_args)
 
 log = logging.getLogger("latent_diffusion_guidance")
 
@@ -245,6 +245,11 @@ def add_settings():
     shared.opts.add_option(SLOTS_OPTION, shared.OptionInfo(
         DEFAULT_VISIBLE_SLOTS, "Concept slots shown in txt2img and img2img", gr.Slider,
         {"minimum": 1, "maximum": MAX_CONCEPTS, "step": 1}, section=SECTION).needs_reload_ui())
+    shared.opts.add_option(MAX_ROWS_OPTION, shared.OptionInfo(
+        0, "Max rows per UNet call (0 = no limit)", gr.Number, {"precision": 0, "minimum": 0},
+        section=SECTION).info(
+        "caps memory: concept rows that would make a model call larger are evaluated in extra "
+        "calls of at most this many rows; same image, slower"))
 
 
 def xyz_module():

@@ -9,19 +9,11 @@ import torch
 from PIL import Image
 
 from tests import webui_harness as h
+from tests.webui_harness import webui_state  # noqa: F401 (autouse: a fresh double per test)
 from tests.webui_double.model import TinySD
 from ldg_core import Concept, GuidanceConfig, SemanticGuidance
 from ldg_core.concept_maps import ConceptMapRecorder, batch_overlays, combine, overlay
 from modules import script_callbacks, shared
-
-
-@pytest.fixture(autouse=True)
-def webui_state():
-    shared.opts = shared.default_opts()
-    shared.sd_model = TinySD()
-    script_callbacks.reported.clear()
-    yield
-    assert script_callbacks.registered_count() == 0
 
 
 def numpy_mask(estimate, uncond, concept):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests import webui_harness as h
+from tests.webui_harness import webui_state  # noqa: F401 (autouse: a fresh double per test)
 from tests.webui_double.model import TinySD
 from tests.webui_reference import ReferenceGuidance
 from ldg_core import Concept, GuidanceConfig
@@ -17,16 +18,6 @@ TIMESTEP_SAMPLERS = ["DDIM", "DDIM CFG++", "PLMS", "UniPC"]
 CONCEPTS = [{"prompt": "smiling woman", "scale": 40.0, "warmup": 2, "threshold": 0.8},
             {"prompt": "glasses", "direction": "remove", "scale": 30.0, "warmup": 1,
              "cooldown": 6, "weight": 2.0}]
-
-
-@pytest.fixture(autouse=True)
-def webui_state():
-    shared.opts = shared.default_opts()
-    shared.sd_model = TinySD()
-    script_callbacks.reported.clear()
-    yield
-    assert script_callbacks.registered_count() == 0, "callbacks left registered"
-    assert not script_callbacks.reported, script_callbacks.reported
 
 
 def config_of(concepts, momentum_scale=0.1, momentum_beta=0.4):

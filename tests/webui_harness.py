@@ -3,6 +3,7 @@ import importlib.util
 import os
 import sys
 
+import pytest
 import torch
 
 DOUBLE = os.path.join(os.path.dirname(__file__), "webui_double")
@@ -10,7 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(__file__))
 if DOUBLE not in sys.path:
     sys.path.insert(0, DOUBLE)
 
-from modules import processing, scripts  # noqa: E402
+from modules import processing, script_callbacks, scripts, shared  # noqa: E402
+
+from tests.webui_double.model import TinySD  # noqa: E402
 
 from ldg_core.ui_args import GLOBAL_FIELDS, SLOT_FIELDS, default_args  # noqa: E402
 
@@ -38,8 +41,21 @@ def script_args(concepts=(), enabled=True, momentum_scale=0.1, momentum_beta=0.4
     return args
 
 
+@pytest.fixture(autouse=True)
+def webui_state():
+    """A fresh WebUI double for each test of a module that imports this fixture; afterwards
+    no callback of ours may stay registered and no callback may have failed."""
+    shared.opts = shared.default_opts()
+    shared.sd_model = TinySD()
+    script_callbacks.reported.clear()
+    yield
+    assert script_callbacks.registered_count() == 0, "callbacks left registered"
+    assert not script_callbacks.reported, script_callbacks.reported
+
+
 def generate(p_kwargs, args=None, extra_scripts=()):
     """One generation with our script (args None: the extension is not installed at all)."""
+    script_callbacks.ui_settings_callback()  # the Settings exist before any generation
     p = processing.Processing(**p_kwargs)
     entries = [] if args is None else [(SCRIPT_MODULE.LatentDiffusionGuidanceScript(), args)]
     runner = scripts.ScriptRunner(entries + list(extra_scripts))

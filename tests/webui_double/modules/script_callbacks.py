@@ -1,5 +1,7 @@
 """modules/script_callbacks.py L44-90 (params), L127-147 (add_callback), L330-350 (callers:
-an exception in a callback is reported and swallowed), L447-453 (remove_callbacks_for_function)."""
+an exception in a callback is reported and swallowed), L447-453 (remove_callbacks_for_function);
+on_ui_settings (L493-496) and ui_settings_callback (L298-303), which the WebUI runs once when it
+builds its Settings, after every script is loaded."""
 from dataclasses import dataclass
 
 callbacks = {"cfg_denoiser": [], "cfg_denoised": [], "cfg_after_cfg": [], "ui_settings": [],
@@ -54,6 +56,14 @@ def on_ui_settings(callback, *, name=None):
 
 def on_before_ui(callback, *, name=None):
     _add("before_ui", callback, name)
+
+
+def ui_settings_callback():
+    for entry in callbacks["ui_settings"]:
+        try:
+            entry.callback()
+        except Exception as error:
+            reported.append(error)
 
 
 def remove_callbacks_for_function(callback_func):

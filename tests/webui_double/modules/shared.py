@@ -1,34 +1,52 @@
-"""modules/shared.py: the options the CFG denoiser reads, the sampling state and the model."""
+"""modules/shared.py: the options the CFG denoiser reads, the sampling state and the model;
+OptionInfo and Options as in modules/options.py (OptionInfo L13-58; Options: saved values in
+`data`, registered options in `data_labels`, an attribute reads its saved value, else its
+default, L100-142; add_option L256-259)."""
 from types import SimpleNamespace
 
 
 class OptionInfo:
-    """modules/options.py L13-58: an option's default, label, component and section."""
-
-    def __init__(self, default=None, label="", component=None, component_args=None, section=None,
-                 **kwargs):
+    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None,
+                 section=None, refresh=None, comment_before='', comment_after='', infotext=None,
+                 restrict_api=False, category_id=None):
         self.default, self.label, self.component = default, label, component
-        self.component_args, self.section = component_args, section
+        self.component_args, self.section, self.comment_after = component_args, section, comment_after
         self.reload_ui = False
+
+    def info(self, info):
+        self.comment_after += f"<span class='info'>({info})</span>"
+        return self
 
     def needs_reload_ui(self):
         self.reload_ui = True
         return self
 
 
-def default_opts():
-    opts = SimpleNamespace(batch_cond_uncond=True, pad_cond_uncond=False, pad_cond_uncond_v0=False,
-                           skip_early_cond=0.0, s_min_uncond_all=False, use_old_scheduling=False,
-                           img2img_fix_steps=False)
-    # Options.data holds saved values, data_labels every registered option (options.py
-    # L100-170); add_option registers one and keeps a saved value.
-    opts.data, opts.data_labels = {}, {}
+class Options:
+    def __init__(self, **values):
+        self.__dict__["data"] = dict(values)
+        self.__dict__["data_labels"] = {}
 
-    def add_option(key, info):
-        opts.data_labels[key] = info
-        opts.data.setdefault(key, info.default)
-    opts.add_option = add_option
-    return opts
+    def __getattr__(self, key):
+        if key in self.data:
+            return self.data[key]
+        if key in self.data_labels:
+            return self.data_labels[key].default
+        raise AttributeError(key)
+
+    def __setattr__(self, key, value):
+        self.data[key] = value
+
+    def add_option(self, key, info):
+        self.data_labels[key] = info
+        if key not in self.data:  # a saved value is kept
+            self.data[key] = info.default
+
+
+def default_opts():
+    return Options(batch_cond_uncond=True, pad_cond_uncond=False, pad_cond_uncond_v0=False,
+                   skip_early_cond=0.0, s_min_uncond_all=False, use_old_scheduling=False,
+                   img2img_fix_steps=False)
 
 
 opts = default_opts()
