@@ -204,3 +204,13 @@ def test_guidance_acts_with_every_sampler(pipe, sampler):
     before = blues(images(pipe, FREE, seeds=seeds, sampler=sampler))
     after = blues(images(pipe, FREE, config(add("blue")), seeds=seeds, sampler=sampler))
     assert (after - before > 0.05).all(), (before, after)  # measured: 0.14 to 0.49
+
+
+def test_the_observer_sees_each_mask_the_engine_applies(pipe):
+    """generate_latent's observer (what concept maps record) sees one mask per concept and
+    step from its warmup on, shaped like the latent."""
+    seen = []
+    guidance = config(add("blue", warmup=5), remove("red", warmup=12))
+    pipe.generate_latent(FREE, seed=1, steps=20, guidance=guidance,
+                         observer=lambda index, mask: seen.append((index, tuple(mask.shape))))
+    assert sorted(seen) == [(0, (1, 12, 16, 16))] * 15 + [(1, (1, 12, 16, 16))] * 8

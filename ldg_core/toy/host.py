@@ -101,7 +101,8 @@ def toy_functions(empty: torch.Tensor) -> WebUIFunctions:
 
 
 def attach_guidance(denoiser: CFGDenoiser, config: GuidanceConfig, sampler: str, images: int,
-                    concepts: List[torch.Tensor], empty: torch.Tensor, steps: int) -> PassGuidance:
+                    concepts: List[torch.Tensor], empty: torch.Tensor, steps: int,
+                    observer: Optional[Callable] = None) -> PassGuidance:
     """Guidance for one pass, set up as the WebUI extension sets it up for a txt2img pass."""
     _, label, second_order = SAMPLERS[sampler]
     timesteps = sampler == "ddim"
@@ -109,6 +110,6 @@ def attach_guidance(denoiser: CFGDenoiser, config: GuidanceConfig, sampler: str,
         config, clock=step_clock(label, second_order=second_order, timestep_sampler=timesteps),
         owner=denoiser, concept_schedules=concepts,
         first_prompt_rows=list(range(images)),
-        eps_outputs=timesteps, webui=toy_functions(empty), end_step=steps)
+        eps_outputs=timesteps, webui=toy_functions(empty), end_step=steps, observer=observer)
     denoiser.p, denoiser.callbacks = denoiser, guidance
     return guidance

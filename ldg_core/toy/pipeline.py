@@ -48,7 +48,9 @@ class ToyPipeline:
 
     @torch.no_grad()
     def generate_latent(self, prompt, *, seed, steps=20, cfg_scale=7.0, sampler="euler",
-                        guidance=None, negative_prompt=""):
+                        guidance=None, negative_prompt="", observer=None):
+        """(latent, image); `observer(concept index, mask)` sees every mask the engine applies
+        (ldg_core.concept_maps.ConceptMapRecorder.observe records concept maps)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
         if not isinstance(steps, int) or steps < 2:
@@ -60,7 +62,8 @@ class ToyPipeline:
         denoiser = CFGDenoiser(self._eps_model if ddim else self._k_diffusion_model(), steps)
         if guidance is not None:
             concepts = [self.encode(c.prompt) for c in guidance.concepts]
-            attach_guidance(denoiser, guidance, sampler, 1, concepts, self.encode(""), steps)
+            attach_guidance(denoiser, guidance, sampler, 1, concepts, self.encode(""), steps,
+                            observer)
         args = {"cond": cond, "uncond": uncond, "cond_scale": cfg_scale}
         if ddim:
             latent = self._ddim(denoiser, noise, steps, args)
