@@ -700,26 +700,15 @@ def table_memory(setup: Setup) -> Table:
 # -- table 6: against the reference pipeline -------------------------------------------------
 
 def reference_pipeline(setup: Setup, unet):
-    from diffusers import (AutoencoderKL, DDIMScheduler, SemanticStableDiffusionPipeline)
     from transformers import CLIPTextConfig, CLIPTextModel
-    from tests.reference_pipeline import _tokenizer
+    from tests.reference_pipeline import _tokenizer, semantic_pipeline
     tokenizer, vocab = _tokenizer()
     dim = unet.config.cross_attention_dim
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab, hidden_size=dim, intermediate_size=dim, num_hidden_layers=1,
         num_attention_heads=max(dim // 64, 1), max_position_embeddings=77, bos_token_id=0,
         eos_token_id=1, pad_token_id=1)).to(setup.device)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                        block_out_channels=(8, 8), norm_num_groups=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2).to(setup.device)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False)
-    pipe = SemanticStableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return semantic_pipeline(unet, text_encoder, tokenizer)
 
 
 def table_reference(setup: Setup) -> Table:

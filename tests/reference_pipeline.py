@@ -34,9 +34,26 @@ def _tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), len(vocab)
 
 
+def semantic_pipeline(unet, text_encoder, tokenizer):
+    """diffusers' SEGA pipeline around `unet`, with DDIM and a small unused VAE (latents are
+    returned), no safety checker, no progress bar."""
+    from diffusers import AutoencoderKL, DDIMScheduler, SemanticStableDiffusionPipeline
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2).to(unet.device)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False)
+    pipe = SemanticStableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_pipeline(dtype: torch.dtype = torch.float32):
-    from diffusers import (AutoencoderKL, DDIMScheduler, SemanticStableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -51,17 +68,7 @@ def build_pipeline(dtype: torch.dtype = torch.float32):
         attention_head_dim=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False)
-    pipe = SemanticStableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dtype=dtype)
+    return semantic_pipeline(unet, text_encoder, tokenizer).to(dtype=dtype)
 
 
 def run_reference(pipe, config: GuidanceConfig, *, steps: int, batch: int = 1,
