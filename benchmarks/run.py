@@ -174,29 +174,34 @@ def generation(setup: Setup, *, batch: int, steps: int, args, sampler="Euler", m
 
 
 @contextlib.contextmanager
-def hook_timer(device: str):
-    """Accumulates the time spent inside the extension's three CFG callbacks."""
+def method_timer(cls, names, device: str = "cpu"):
+    """Accumulates the time spent inside the methods `names` of `cls` while in the block."""
     spent = [0.0]
-    originals = {n: getattr(Generation, n) for n in
-                 ("on_cfg_denoiser", "on_cfg_denoised", "on_cfg_after_cfg")}
+    originals = {name: getattr(cls, name) for name in names}
 
     def timed(fn):
-        def wrapper(self, params):
+        def wrapper(*args, **kwargs):
             sync(device)
             start = time.perf_counter()
             try:
-                return fn(self, params)
+                return fn(*args, **kwargs)
             finally:
                 sync(device)
                 spent[0] += time.perf_counter() - start
         return wrapper
     for name, fn in originals.items():
-        setattr(Generation, name, timed(fn))
+        setattr(cls, name, timed(fn))
     try:
         yield spent
     finally:
         for name, fn in originals.items():
-            setattr(Generation, name, fn)
+            setattr(cls, name, fn)
+
+
+def hook_timer(device: str):
+    """The time spent inside the extension's three CFG callbacks."""
+    return method_timer(Generation, ("on_cfg_denoiser", "on_cfg_denoised", "on_cfg_after_cfg"),
+                        device)
 
 
 class UNetTimer:
@@ -223,29 +228,10 @@ class UNetTimer:
         del self.model.apply_model
 
 
-@contextlib.contextmanager
 def script_timer():
-    """Accumulates the time spent inside our script's hooks."""
-    spent = [0.0]
-    cls = h.SCRIPT_MODULE.LatentDiffusionGuidanceScript
-    names = ("process", "process_before_every_sampling", "postprocess")
-    originals = {n: getattr(cls, n) for n in names}
-
-    def timed(fn):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[0] += time.perf_counter() - start
-        return wrapper
-    for name, fn in originals.items():
-        setattr(cls, name, timed(fn))
-    try:
-        yield spent
-    finally:
-        for name, fn in originals.items():
-            setattr(cls, name, fn)
+    """The time spent inside our script's hooks."""
+    return method_timer(h.SCRIPT_MODULE.LatentDiffusionGuidanceScript,
+                        ("process", "process_before_every_sampling", "postprocess"))
 
 
 class RowCounter:
