@@ -1,6 +1,7 @@
 """modules/sd_samplers_kdiffusion.py (v1.10.1): the sampler table (L11-27, without Restart),
 CFGDenoiserKDiffusion (L55-67), get_sigmas (L79-133, default schedulers only),
-sample_img2img (L135-187) and sample (L189-236), driving the real k-diffusion samplers."""
+sample_img2img (L135-187) and sample (L189-236), driving the real k-diffusion samplers; the
+eta that Sampler.initialize passes (sd_samplers_common.py L293, L303-307)."""
 import inspect
 
 import k_diffusion.external
@@ -62,6 +63,8 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
     def _kwargs(self, p, sigma_sched, x, sigmas, img2img):
         kwargs = self.initialize(p)
         parameters = inspect.signature(self.func).parameters
+        if 'eta' in parameters:  # sd_samplers_common.py L293, L303-307: opts.eta_ancestral
+            kwargs['eta'] = shared.opts.eta_ancestral
         if 'sigma_min' in parameters:
             kwargs['sigma_min'] = sigma_sched[-2] if img2img else self.model_wrap.sigmas[0].item()
             kwargs['sigma_max'] = sigma_sched[0] if img2img else self.model_wrap.sigmas[-1].item()

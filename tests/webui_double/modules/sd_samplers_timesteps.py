@@ -1,8 +1,6 @@
 """modules/sd_samplers_timesteps.py and sd_samplers_timesteps_impl.py (v1.10.1): DDIM (impl
-L11-41, eta 0), DDIM CFG++ (impl L44-81), PLMS (impl L84-143), and UniPC's pattern of model
-calls (impl L146-176 and models/diffusion/uni_pc/uni_pc.py L746-800: one call at each of N
-time points from t_T, continuous timesteps, a report after each update) with a plain DDIM
-update instead of UniPC's solver; CompVisTimestepsDenoiser / VDenoiser (L25-45),
+L11-41, eta 0), DDIM CFG++ (impl L44-81), PLMS (impl L84-143), and UniPC's model calls and
+step reports (see unipc()); CompVisTimestepsDenoiser / VDenoiser (L25-45),
 CFGDenoiserTimesteps (L48-72), CompVisSampler (L75-160)."""
 import torch
 
@@ -54,6 +52,15 @@ def ddim_cfgpp(model, x, timesteps, extra_args=None, callback=None, disable=None
 
 @torch.no_grad()
 def unipc(model, x, timesteps, extra_args=None, callback=None, disable=None, is_img2img=False):
+    """UniPC's model calls and step reports, with a plain DDIM update in place of its solver.
+
+    sd_samplers_timesteps_impl.py L146-176 runs UniPC.sample (uni_pc.py L746-800, multistep)
+    with steps = len(timesteps): N steps on its own time grid (skip type time_uniform:
+    linspace(t_T, 1/1000, N + 1), t_T 1 or, for img2img, timesteps[-1] / 1000 + 1/1000). It
+    evaluates the model at grid[0] before its loop; update s = 1..N evaluates it at grid[s]
+    (the corrector, whose output the next update reuses), except the last, then reports step
+    s - 1 (UniPCCFG.after_update). So N calls, none at the final point, whatever the order,
+    variant or lower-order-final options; the input time is (t - 1/1000) * 1000."""
     alphas_cumprod = model.inner_model.inner_model.alphas_cumprod
     steps = len(timesteps)
     t_start = timesteps[-1] / 1000 + 1 / 1000 if is_img2img else 1.0
@@ -71,10 +78,10 @@ def unipc(model, x, timesteps, extra_args=None, callback=None, disable=None, is_
         a_t, a_next = alpha(float(grid[step - 1])), alpha(float(grid[step]))
         pred_x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
         x = a_next ** 0.5 * pred_x0 + (1 - a_next) ** 0.5 * e_t
-        if callback is not None:
-            callback({'x': x, 'i': step - 1, 'sigma': 0, 'sigma_hat': 0, 'denoised': pred_x0})
         if step < steps:
             e_t = call(x, float(grid[step]))
+        if callback is not None:
+            callback({'x': x, 'i': step - 1, 'sigma': 0, 'sigma_hat': 0, 'denoised': pred_x0})
     return x
 
 
