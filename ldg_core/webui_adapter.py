@@ -20,17 +20,17 @@ Nothing of the WebUI is imported here: what is needed of it comes in as `WebUIFu
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 
 from .config import GuidanceConfig
+from .failures import StopSampling, is_out_of_memory, sampling_failure
 from .guidance import SemanticGuidance, concepts_needed
 
-log = logging.getLogger("latent_diffusion_guidance")
 
 # Samplers whose model calls cannot be placed on the step schedule the user set.
 REFUSED_SAMPLERS = {
@@ -41,6 +41,11 @@ REFUSED_SAMPLERS = {
 # Timestep samplers whose first step makes an extra model call (PLMS's pseudo improved Euler,
 # sd_samplers_timesteps_impl.py L116-120).
 EXTRA_FIRST_CALLS = {"PLMS": 1}
+# Timestep samplers that evaluate the model once at each of the WebUI's N timesteps, where DDIM
+# and PLMS step between them (N - 1 steps): UniPC gets N as its step count and makes one call
+# at each of its N points but the last (uni_pc.py sample(): model_fn before the loop, then the
+# corrector's call inside each update, none in the final update).
+ONE_CALL_PER_TIMESTEP = {"UniPC"}
 
 
 @dataclass(frozen=True)
@@ -48,37 +53,44 @@ class StepClock:
     """Maps the denoiser's call counter within a pass to the step index of the full schedule.
 
     `offset` is the index of the pass's first step (img2img and hires passes join the schedule
-    part-way), `calls_per_step` is 2 for samplers that evaluate the model twice per step.
+    part-way), `calls_per_step` is 2 for samplers that evaluate the model twice per step,
+    `end_step` the number of steps of the full schedule (None: not known).
     """
 
     offset: int = 0
     calls_per_step: int = 1
     extra_first_calls: int = 0
+    end_step: Optional[int] = None
 
     def index(self, call: int) -> int:
         return self.offset + max(call - self.extra_first_calls, 0) // self.calls_per_step
 
 
-def step_clock(sampler_name: str, *, second_order: bool, timestep_sampler: bool,
+def step_clock(sampler_name: str, *, second_order: bool, steps: int,
+               timestep_count: Optional[int] = None,
                img2img_schedule: Optional[Tuple[int, int]] = None) -> StepClock:
-    """The clock of one pass. `img2img_schedule` is (steps, t_enc) as the WebUI's
+    """The clock of one pass of `steps` steps (the full schedule's, for img2img and hires).
+
+    `timestep_count`: for timestep samplers (DDIM, PLMS, UniPC), how many timesteps the
+    WebUI's get_timesteps gives for the full schedule: they are 1000 // steps apart
+    (sd_samplers_timesteps.py L86-97), so 10 steps give 10 but 12 give 13. None for
+    k-diffusion samplers. `img2img_schedule` is (steps, t_enc) as the WebUI's
     setup_img2img_steps gives them for an img2img or hires pass; None for txt2img.
 
-    k-diffusion runs sigmas[steps - t_enc - 1:] of a `steps` schedule
-    (sd_samplers_kdiffusion.py L138-139); timestep samplers run timesteps[:t_enc], whose first
-    call is the (steps - t_enc)-th of a txt2img run (sd_samplers_timesteps.py L101-103, impl
-    L22-25). Raises ValueError for samplers that follow no fixed schedule.
+    A pass of img2img or hires runs the last steps of the full schedule: k-diffusion runs
+    sigmas[steps - t_enc - 1:] (sd_samplers_kdiffusion.py L138-139), timestep samplers
+    timesteps[:t_enc] (sd_samplers_timesteps.py L101-103). Raises ValueError for samplers that
+    follow no fixed schedule.
     """
     if sampler_name in REFUSED_SAMPLERS:
         raise ValueError(f"the sampler {sampler_name!r} is not supported: "
                          f"{REFUSED_SAMPLERS[sampler_name]}. Choose another sampler")
-    offset = 0
-    if img2img_schedule is not None:
-        steps, t_enc = img2img_schedule
-        offset = max(steps - t_enc - (0 if timestep_sampler else 1), 0)
-    if timestep_sampler:
-        return StepClock(offset, 1, EXTRA_FIRST_CALLS.get(sampler_name, 0))
-    return StepClock(offset, 2 if second_order else 1)
+    if timestep_count is None:
+        first = steps - img2img_schedule[1] - 1 if img2img_schedule else 0
+        return StepClock(max(first, 0), 2 if second_order else 1, end_step=steps)
+    end = timestep_count if sampler_name in ONE_CALL_PER_TIMESTEP else timestep_count - 1
+    first = max(timestep_count - img2img_schedule[1], 0) if img2img_schedule else 0
+    return StepClock(first, 1, EXTRA_FIRST_CALLS.get(sampler_name, 0), end)
 
 
 @dataclass(frozen=True)
@@ -125,9 +137,9 @@ class PassGuidance:
     def __init__(self, config: GuidanceConfig, *, clock: StepClock, owner: Any,
                  concept_schedules: Sequence[Any], first_prompt_rows: Sequence[int],
                  eps_outputs: bool, webui: WebUIFunctions, separate_call: bool = False,
-                 end_step: Optional[int] = None, max_rows: int = 0,
+                 max_rows: int = 0,
                  observer: Optional[Callable[[int, torch.Tensor], None]] = None):
-        self.guidance = SemanticGuidance(config, end_step=end_step, observer=observer)
+        self.guidance = SemanticGuidance(config, end_step=clock.end_step, observer=observer)
         self.separate_call = separate_call
         self.max_rows = max(int(max_rows), 0)  # rows per model call of ours; 0 = no limit
         self.clock = clock
@@ -137,7 +149,6 @@ class PassGuidance:
         self.eps_outputs = eps_outputs  # timestep samplers hand over eps, k-diffusion x0
         self.webui = webui
         self._call: Optional[_Call] = None
-        self.failed: Optional[str] = None
 
     def replace_schedules(self, concept_schedules: Sequence[Any]) -> None:
         """New conditioning for the same concepts (the SDXL refiner took over mid-pass)."""
@@ -145,46 +156,63 @@ class PassGuidance:
 
     # -- the callbacks -----------------------------------------------------------------------
 
+    def webui_call_failure(self, error: BaseException) -> Optional[str]:
+        """What to tell the user when the WebUI's own model call raised `error` with our concept
+        rows in it: running out of memory is then ours to explain. None otherwise."""
+        call = self._call
+        if call is None or call.extra_calls or not call.needed or not is_out_of_memory(error):
+            return None
+        return sampling_failure(error, step=call.index, rows=len(call.needed) * call.images,
+                                what="evaluating the concepts with the prompt")
+
     def on_cfg_denoiser(self, params) -> None:
         self._call = None
         denoiser = getattr(params, "denoiser", None)
-        if self.failed or denoiser is None or getattr(denoiser, "p", None) is not self.owner:
+        if denoiser is None or getattr(denoiser, "p", None) is not self.owner:
             return
+        with _stop_on_error(self, self.clock.index(denoiser.step), "adding the concept rows"):
+            self._begin_call(params, denoiser)
+
+    def _begin_call(self, params, denoiser) -> None:
         images = params.text_uncond.shape[0]
         prompt_rows = params.text_cond.shape[0]
         if params.x.shape[0] != prompt_rows + images:
-            return self._fail(f"the model call has {params.x.shape[0]} rows where "
-                              f"{prompt_rows} prompt rows + {images} uncond rows were expected")
+            self._fail(f"the model call has {params.x.shape[0]} rows where {prompt_rows} prompt "
+                       f"rows + {images} negative rows were expected")
         sigma_images = params.sigma[-images:]
         if self.webui.skips_uncond(denoiser, sigma_images):
             return  # the WebUI drops CFG at this step; without an uncond there is no direction
         index = self.clock.index(denoiser.step)
         needed = self.guidance.needed(index)
-        if _is_marked(token_count(params.text_cond), self.webui.empty_cond()):
+        # Past the row limit, the WebUI's call stays as it is and concepts get calls of their own.
+        over_limit = 0 < self.max_rows < params.x.shape[0] + len(needed) * images
+        extra_calls = self.separate_call or over_limit
+        if not extra_calls and _is_marked(token_count(params.text_cond), self.webui.empty_cond()):
             # ControlNet caches per-row state at the first call's row count (hook.py
             # L547, L700-708): keep every concept's rows at every call of the pass.
             needed = tuple(range(len(self.guidance.config.concepts)))
-        # Past the row limit, the WebUI's call stays as it is and concepts get calls of their own.
-        over_limit = 0 < self.max_rows < params.x.shape[0] + len(needed) * images
         self._call = _Call(index, needed, prompt_rows, images, params.x[-images:], sigma_images,
                            denoiser, params.image_cond[-images:], token_count(params.text_cond),
-                           extra_calls=self.separate_call or over_limit)
-        if needed and not self._call.extra_calls:
+                           extra_calls=extra_calls)
+        if needed and not extra_calls:
             self._add_concept_rows(params, denoiser.step)
 
     def on_cfg_denoised(self, params) -> None:
         call = self._call
         if call is None:
             return
+        what = ("evaluating the concepts in a model call of their own" if call.extra_calls
+                else "reading the concept rows")
+        with _stop_on_error(self, call.index, what):
+            self._finish_call(params, call)
+
+    def _finish_call(self, params, call: _Call) -> None:
         out, k, b = params.x, len(call.needed), call.images
         uncond = self._to_eps(out[-b:], call)
         cond = self._to_eps(out[self.first_prompt_rows], call)
         concepts = None
         if k and call.extra_calls:
-            rows = self._evaluate_concepts(params.inner_model)
-            if rows is None:
-                return
-            concepts = self._to_eps(rows, call)
+            concepts = self._to_eps(self._evaluate_concepts(params.inner_model), call)
         elif k:
             rows = out[call.prompt_rows:call.prompt_rows + k * b]
             concepts = self._to_eps(rows.view(k, *uncond.shape), call)
@@ -194,6 +222,10 @@ class PassGuidance:
         call, self._call = self._call, None
         if call is None or call.edit is None:
             return
+        with _stop_on_error(self, call.index, "adding the edit"):
+            self._apply_edit(params, call)
+
+    def _apply_edit(self, params, call: _Call) -> None:
         # k-diffusion combines x0 = x - sigma * eps, so an eps change d is an x0 change -sigma*d.
         edit = call.edit if self.eps_outputs else call.edit * -_per_image(call.sigma, call.edit)
         if getattr(call.denoiser, "mask", None) is not None:
@@ -209,10 +241,7 @@ class PassGuidance:
         rows = []
         for index in call.needed:  # one by one: concepts may differ in length
             cond = self.webui.reconstruct_cond_batch([self.schedules[index]], call_number)
-            cond = self._pad_to(cond, tokens)
-            if cond is None:
-                return
-            rows.append(_rows_of(cond, b))
+            rows.append(_rows_of(self._pad_to(cond, tokens), b))
         params.text_cond = self.webui.catenate_conds([params.text_cond] + rows)
         if isinstance(rows[0], dict) and not isinstance(params.text_cond, type(rows[0])):
             params.text_cond = type(rows[0])(params.text_cond)  # keep DictWithShape
@@ -220,15 +249,13 @@ class PassGuidance:
         params.sigma = _insert_before_last(params.sigma, b, k)
         params.image_cond = _insert_before_last(params.image_cond, b, k)
 
-    def _evaluate_concepts(self, inner_model) -> Optional[torch.Tensor]:
+    def _evaluate_concepts(self, inner_model) -> torch.Tensor:
         """The needed concepts' rows, [K, B, C, H, W], from model calls of their own with the
         uncond rows' inputs: one call per concept, or with a row limit, calls of at most
         max_rows rows (concept by concept, image by image; a call never mixes token lengths).
         """
         call = self._call
         conds = [self._concept_cond(index) for index in call.needed]
-        if any(cond is None for cond in conds):
-            return None
         b = call.images
         if not self.max_rows:
             return torch.stack([self._evaluate(inner_model, [(c, b)], slice(None)) for c in conds])
@@ -249,12 +276,13 @@ class PassGuidance:
 
     def _concept_cond(self, index: int) -> Any:
         """A concept's one-row conditioning for this call, padded (and marked) as it would be
-        among the prompt rows; in a separate call, a longer concept keeps its own length."""
+        among the prompt rows; in a separate call, a longer concept keeps its own length and
+        gets only the mark."""
         call = self._call
         cond = self.webui.reconstruct_cond_batch([self.schedules[index]], call.denoiser.step)
-        if not self.separate_call or token_count(cond) < call.tokens:
-            cond = self._pad_to(cond, call.tokens)
-        return cond
+        if self.separate_call and token_count(cond) >= call.tokens:
+            return self._mark_like(cond, call.tokens)
+        return self._pad_to(cond, call.tokens)
 
     def _evaluate(self, inner_model, groups: Sequence[Tuple[Any, int]], images) -> torch.Tensor:
         """One model call: `count` rows of each (cond, count) group, in order, whose inputs are
@@ -267,17 +295,22 @@ class PassGuidance:
         condition = self.webui.condition(cond, call.image_cond[images])
         return inner_model(call.x[images], call.sigma[images], cond=condition)
 
-    def _pad_to(self, conds: Any, tokens: int) -> Any:
+    def _mark_like(self, conds: Any, tokens: int) -> Any:
+        """`conds` with ControlNet's uncond mark where the prompt rows (`tokens` long) have one."""
         empty = self.webui.empty_cond()
         if _is_marked(tokens, empty) and not _is_marked(token_count(conds), empty):
-            conds = _with_uncond_mark(conds)
-        have = token_count(conds)
+            return _with_uncond_mark(conds)
+        return conds
+
+    def _pad_to(self, conds: Any, tokens: int) -> Any:
+        conds = self._mark_like(conds, tokens)
+        have, empty = token_count(conds), self.webui.empty_cond()
         if have == tokens:
             return conds
         repeats, rest = divmod(tokens - have, empty.shape[-2])
         if have > tokens or rest:
-            return self._fail(f"a concept has {have} tokens and the prompt {tokens}: concept rows "
-                              "cannot be matched to the prompt rows")
+            self._fail(f"a concept has {have} tokens and the prompt {tokens}: concept rows "
+                       "cannot be matched to the prompt rows")
         return self.webui.pad_cond(conds, repeats, empty)
 
     def _to_eps(self, out: torch.Tensor, call: _Call) -> torch.Tensor:
@@ -287,10 +320,21 @@ class PassGuidance:
         return (call.x - out) / _per_image(call.sigma, call.x)
 
     def _fail(self, why: str) -> None:
-        self.failed = why
+        """The rows are not as we laid them out: stop, rather than go on unguided."""
         self._call = None
-        log.error("Latent Diffusion Guidance stops guiding this pass: %s.", why)
-        return None
+        raise StopSampling(f"{why}. Another extension probably changes the model call's rows; "
+                           "turn it or guidance off")
+
+
+@contextlib.contextmanager
+def _stop_on_error(guidance: PassGuidance, step: int, what: str):
+    """Turns an error of ours during sampling into StopSampling, with words for the user."""
+    try:
+        yield
+    except Exception as error:
+        call, guidance._call = guidance._call, None
+        rows = len(call.needed) * call.images if call is not None else 0
+        raise StopSampling(sampling_failure(error, step=step, rows=rows, what=what)) from error
 
 
 # ControlNet marks every prompt conditioning with one extra leading token filled with +1024

@@ -13,6 +13,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from .concept_maps import ConceptMapRecorder, batch_overlays
 from .config import GuidanceConfig
+from .failures import GuidanceError, StopSampling, sampling_failure
 from .text_form import to_text
 from .ui_args import MAX_ROWS_OPTION
 from .webui_adapter import (REFUSED_SAMPLERS, PassGuidance, WebUIFunctions, can_act, step_clock,
@@ -36,13 +37,6 @@ class WebUIModules:
     sd_samplers_common: Any  # setup_img2img_steps
     sd_samplers_cfg_denoiser: Any  # catenate_conds, pad_cond
     sd_samplers_timesteps: Any  # CompVisSampler: the samplers that hand over eps
-
-
-class GuidanceError(ValueError):
-    """Bad settings or an unsupported setup: stops the generation before sampling."""
-
-    def __init__(self, message: str):
-        super().__init__(f"Latent Diffusion Guidance: {message}")
 
 
 def model_problem(model: Any) -> Optional[str]:
@@ -112,6 +106,13 @@ class Generation:
         def sample_with_guidance(*args, **kwargs):
             try:
                 return sample(*args, **kwargs)
+            except StopSampling as stop:  # our code failed mid-sampling: one message, no image
+                raise GuidanceError(stop.message) from stop.__cause__
+            except Exception as error:  # the WebUI's own call failed; with our rows in it?
+                why = self.current.webui_call_failure(error) if self.current else None
+                if why:
+                    raise GuidanceError(why) from error
+                raise
             finally:
                 self.unregister()
         p.sample = sample_with_guidance
@@ -119,7 +120,7 @@ class Generation:
     def start_pass(self, c: Any) -> None:
         """From process_before_every_sampling: the first pass, or the hires pass, begins."""
         try:
-            guidance, steps = self._new_pass(c)
+            guidance = self._new_pass(c)
         except GuidanceError as error:
             return self._refuse_pass(error)
         except Exception as error:  # no image and a message, rather than an unguided image
@@ -128,7 +129,7 @@ class Generation:
                 error = f"could not set up guidance: {error!r}"
             return self._refuse_pass(GuidanceError(str(error)))
         self.current = guidance
-        if can_act(self.config, guidance.clock.offset, steps):
+        if can_act(self.config, guidance.clock.offset, guidance.clock.end_step):
             self.register()
         else:
             self.unregister()
@@ -139,8 +140,9 @@ class Generation:
             raise GuidanceError(problem)
         timesteps = isinstance(sampler, self.m.sd_samplers_timesteps.CompVisSampler)
         steps, schedule = self._schedule()
-        clock = step_clock(sampler.config.name, timestep_sampler=timesteps,
+        clock = step_clock(sampler.config.name, steps=steps,
                            second_order=sampler.config.options.get("second_order", False),
+                           timestep_count=len(sampler.get_timesteps(p, steps)) if timesteps else None,
                            img2img_schedule=schedule)
         conds = self._encode()
         repeats = [len(rows) for rows in c.batch]
@@ -156,9 +158,9 @@ class Generation:
             self.config, clock=clock, owner=p, concept_schedules=conds,
             first_prompt_rows=[0] + list(itertools.accumulate(repeats))[:-1],
             eps_outputs=timesteps, webui=self._functions(),
-            separate_call=self._separate_call_needed(c, conds), end_step=steps,
+            separate_call=self._separate_call_needed(c, conds),
             max_rows=max_rows, observer=observer)
-        return guidance, steps
+        return guidance
 
     def concept_map_overlays(self, images: List[Any]) -> List[Tuple[int, int, Any]]:
         """(image index, concept index, RGB uint8 overlay) for `images`, the generation's
@@ -172,9 +174,9 @@ class Generation:
         return result
 
     def _max_rows(self, webui_rows: int, images: int) -> int:
-        """The Settings' row limit for our model calls (0 = none). With ControlNet, whose
-        per-row state cannot follow rows in other calls, a limit the concept rows would pass
-        stops the generation (every concept's rows are in every call there)."""
+        """The Settings' row limit for our model calls (0 = none). Next to a ControlNet unit
+        whose per-row state cannot follow rows in other calls, a limit the concept rows would
+        pass stops the generation (every concept's rows are in every call there)."""
         limit = getattr(self.m.shared.opts, MAX_ROWS_OPTION, 0) or 0
         try:
             limit = max(int(limit), 0)
@@ -182,12 +184,18 @@ class Generation:
             raise GuidanceError(f"the setting 'Max rows per UNet call' must be a whole number "
                                 f">= 0, got {limit!r}")
         rows = webui_rows + len(self.config.concepts) * images
-        if 0 < limit < rows and _enabled_controlnet_units(self.p):
+        blocking = self._units_that_cannot_follow() if 0 < limit < rows else []
+        if blocking:
             raise GuidanceError(f"'Max rows per UNet call' is {limit}, below the {rows} rows of a "
                                 "model call with every concept, so concepts would need extra "
-                                "model calls, which ControlNet cannot follow: raise the limit "
-                                "(0 = none) or turn ControlNet or guidance off")
+                                f"model calls, which {_cannot_follow(blocking)}: raise the limit "
+                                "(0 = none), or turn that unit or guidance off")
         return limit
+
+    def _units_that_cannot_follow(self) -> List[str]:
+        model = getattr(self.m.shared.sd_model, "model", None)
+        inpainting = getattr(model, "conditioning_key", None) == "hybrid"  # 9-channel UNet input
+        return controlnet_units_that_cannot_follow(self.p, inpainting)
 
     def _schedule(self):
         """(steps of the full schedule, img2img (steps, t_enc) or None) for the coming pass."""
@@ -224,13 +232,15 @@ class Generation:
         reasons = self._separate_call_reasons(c, conds)
         # Active units, not marks: ControlNet marks cached prompt conds in place, and those
         # marks outlive the generation that made them.
-        if reasons and _enabled_controlnet_units(self.p):
-            # A call of other rows would break ControlNet's per-row caches (reference-only,
-            # inpaint_only, colorfix) and its cond/uncond marks: better no image than a wrong one.
+        blocking = self._units_that_cannot_follow() if reasons else []
+        if blocking:
+            # A call of other rows would break those units' per-row caches: better no image
+            # than a wrong one. Plain control models follow (they compute from each call).
             remedy = ("shorten the concept or lengthen the prompt" if "longer than the prompt"
-                      in reasons[0] else "turn that extension or guidance off")
+                      in reasons[0] else "turn that extension off")
             raise GuidanceError(f"{'; '.join(reasons)}, so concepts would need a separate model "
-                                f"call, which ControlNet cannot follow: {remedy}")
+                                f"call, which {_cannot_follow(blocking)}: {remedy}, or turn "
+                                "that unit or guidance off")
         if reasons:
             if SEPARATE_CALL_KEY not in self.p.extra_generation_params:
                 # WARNING, since the WebUI's console hides INFO: it costs a model call per step.
@@ -317,8 +327,13 @@ class Generation:
         current = self.current
         if current is None:
             return
-        if _model_key(self.m.shared.sd_model) != self.encoded_for:
-            current.replace_schedules(self._encode())  # the SDXL refiner took over
+        if _model_key(self.m.shared.sd_model) != self.encoded_for:  # the SDXL refiner took over
+            try:
+                current.replace_schedules(self._encode())
+            except Exception as error:
+                raise StopSampling(sampling_failure(
+                    error, step=current.clock.index(params.denoiser.step), rows=0,
+                    what="encoding the concepts for the refiner")) from error
         current.on_cfg_denoiser(params)
 
     def on_cfg_denoised(self, params) -> None:
@@ -343,6 +358,33 @@ def _enabled_controlnet_units(p: Any) -> List[Tuple[int, Callable[[str], Any]]]:
     readers = [(lambda key, u=unit: u.get(key)) if isinstance(unit, dict) else
                (lambda key, u=unit: getattr(u, key, None)) for unit in units]
     return [(number, field) for number, field in enumerate(readers, start=1) if field("enabled")]
+
+
+# ControlNet modes that keep per-row state made at the first model call of a pass and reuse it
+# at every later call (sd-webui-controlnet scripts/hook.py, UnetHook forward:
+# used_hint_cond_latent is encoded at that call's row count for attention injection
+# (reference_only, reference_adain, reference_adain+attn), inpaint_only and tile_colorfix, and
+# used_hint_inpaint_hijack for inpainting checkpoints). A model call with another row count
+# breaks them. Everything else (control models, T2I adapters, ControlLLLite, IP-Adapter, which
+# picks its image embedding per row from the marks) is computed afresh in each call.
+ROW_CACHING_MODES = ("reference", "inpaint_only", "colorfix")
+
+
+def controlnet_units_that_cannot_follow(p: Any, inpainting_model: bool) -> List[str]:
+    """'unit N (mode)' for each enabled ControlNet unit that cannot follow concept rows
+    evaluated in a model call of their own."""
+    found = []
+    for number, field in _enabled_controlnet_units(p):
+        mode = str(field("module") or "")
+        if any(name in mode for name in ROW_CACHING_MODES) or (
+                inpainting_model and mode.startswith("inpaint")):
+            found.append(f"unit {number} ({mode})")
+    return found
+
+
+def _cannot_follow(units: List[str]) -> str:
+    return (f"ControlNet {', '.join(units)} cannot follow (it keeps per-row state from the "
+            "first model call of the pass)")
 
 
 def two_row_controlnet_units(p: Any) -> List[str]:

@@ -102,11 +102,19 @@ def test_sdxl_dict_conditioning_is_chunked():
     assert torch.equal(plain, chunked) and max(r for r in rows if r != 4) <= 3
 
 
-def test_limit_with_controlnet_is_refused_only_when_it_would_split():
-    units = ControlNetUnits([{"enabled": True, "model": "control_canny"}])
+@pytest.mark.parametrize("module, refused", [("reference_only", True), ("canny", False)])
+def test_limit_with_controlnet_is_refused_only_when_a_unit_cannot_follow(module, refused):
+    units = ControlNetUnits([{"enabled": True, "model": "control_canny", "module": module}])
     p_kwargs = {"sampler_name": "Euler", "steps": 4}
     shared.opts.ldg_max_rows_per_call = 3
-    with pytest.raises(ValueError, match="Max rows per UNet call' is 3, below the 4 rows"):
-        h.generate(p_kwargs, h.script_args(CONCEPTS), extra_scripts=[(units, [])])
-    shared.opts.ldg_max_rows_per_call = 4
+    if refused:
+        with pytest.raises(ValueError, match="Max rows per UNet call' is 3, below the 4 rows.*"
+                                             r"ControlNet unit 1 \(reference_only\) cannot"):
+            h.generate(p_kwargs, h.script_args(CONCEPTS), extra_scripts=[(units, [])])
+    else:
+        limited = h.generate(p_kwargs, h.script_args(CONCEPTS), extra_scripts=[(units, [])])[1]
+        shared.opts.ldg_max_rows_per_call = 0
+        plain = h.generate(p_kwargs, h.script_args(CONCEPTS), extra_scripts=[(units, [])])[1]
+        assert torch.equal(limited, plain)
+    shared.opts.ldg_max_rows_per_call = 4  # no split needed: never refused
     h.generate(p_kwargs, h.script_args(CONCEPTS), extra_scripts=[(units, [])])

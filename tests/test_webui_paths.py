@@ -13,7 +13,7 @@ from ldg_core import Concept, GuidanceConfig
 from modules import script_callbacks, shared
 
 K_SAMPLERS = ["Euler", "Euler a", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ 2M",
-              "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"]
+              "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "LCM"]
 TIMESTEP_SAMPLERS = ["DDIM", "DDIM CFG++", "PLMS", "UniPC"]
 CONCEPTS = [{"prompt": "smiling woman", "scale": 40.0, "warmup": 2, "threshold": 0.8},
             {"prompt": "glasses", "direction": "remove", "scale": 30.0, "warmup": 1,
@@ -67,6 +67,28 @@ def test_disabled_is_bit_identical_and_registers_nothing(sampler):
 def test_enabled_matches_the_reference(sampler):
     p = assert_guided_as_reference({"sampler_name": sampler, "steps": 8})
     assert p.extra_generation_params["Latent Diffusion Guidance"].startswith('add "smiling woman"')
+
+
+@pytest.mark.parametrize("sampler", TIMESTEP_SAMPLERS)
+@pytest.mark.parametrize("steps", [6, 12])
+def test_timestep_samplers_where_1000_is_not_a_multiple_of_the_steps(sampler, steps):
+    # The WebUI spaces its timesteps 1000 // steps apart (sd_samplers_timesteps.py L86-97): 6
+    # steps give 7 timesteps, 12 give 13, and UniPC then makes 7 or 13 model calls. A concept
+    # whose warmup ends near the end must act on the last of them (the real WebUI logged
+    # 'step 12 is past the end of this pass' for UniPC at 12 steps).
+    concepts = [dict(CONCEPTS[0], warmup=steps - 2), dict(CONCEPTS[1], cooldown=-1)]
+    assert_guided_as_reference({"sampler_name": sampler, "steps": steps}, concepts)
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "UniPC"])
+def test_img2img_and_hires_of_timestep_samplers_with_uneven_spacing(sampler):
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    concepts = [dict(CONCEPTS[0], warmup=8), dict(CONCEPTS[1], cooldown=-1)]
+    assert_guided_as_reference({"sampler_name": sampler, "steps": 12, "init_latent": init,
+                                "denoising_strength": 0.5}, concepts)
+    assert_guided_as_reference({"sampler_name": sampler, "steps": 12, "enable_hr": True,
+                                "hr_scale": 2, "hr_second_pass_steps": 6,
+                                "denoising_strength": 0.5}, concepts)
 
 
 def test_batch_images_are_guided_independently():
@@ -444,10 +466,10 @@ class ControlNetMarks:
     """A double of ControlNet's prompt marking (sd-webui-controlnet scripts/hook.py L22-112):
     it wraps p.sample to prepend a +1024 token to every prompt conditioning and -1024 to every
     negative one, and its UNet hook strips that token, noting each row's mark. Its script
-    arguments hold one enabled unit."""
-    def __init__(self, enabled=True):
+    arguments hold one unit with the preprocessor `module`."""
+    def __init__(self, enabled=True, module="canny"):
         self.row_marks = []  # per model call: the mark of each row
-        self.enabled = enabled
+        self.enabled, self.module = enabled, module
 
     def title(self):
         return "ControlNet"
@@ -466,7 +488,8 @@ class ControlNetMarks:
 
     def process(self, p, *args):
         self.args_from, self.args_to = 0, 1
-        p.script_args = [{"enabled": self.enabled, "model": "control_canny", "input_mode": "simple"}]
+        p.script_args = [{"enabled": self.enabled, "model": "control_canny", "input_mode": "simple",
+                          "module": self.module}]
         sample = p.sample
 
         def process_sample(*a, **kw):
@@ -510,21 +533,48 @@ def test_controlnet_marks_concept_rows_as_uncond_and_rows_stay_constant():
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
+LONG_CONCEPT = {"prompt": " ".join(f"w{i}" for i in range(80)), "scale": 30.0, "warmup": 1}
+
+
+@pytest.mark.parametrize("module", ["reference_only", "reference_adain+attn", "inpaint_only+lama",
+                                    "tile_colorfix+sharp"])
 @pytest.mark.parametrize("neighbour, concepts, remedy", [
     (AnnouncingNeighbour("Dynamic thresholding enabled"), CONCEPTS,
-     "^Latent Diffusion Guidance: Dynamic Thresholding reads .*: turn that extension or"),
-    (None, [{"prompt": " ".join(f"w{i}" for i in range(80))}],
+     "^Latent Diffusion Guidance: Dynamic Thresholding reads .*: turn that extension off"),
+    (None, [LONG_CONCEPT],
      "^Latent Diffusion Guidance: concept 1 is longer .*: shorten the concept"),
 ])
-def test_controlnet_with_a_separate_call_is_refused_before_sampling(neighbour, concepts, remedy):
-    scripts = [(ControlNetMarks(), [])] + ([(neighbour, [])] if neighbour else [])
+def test_controlnet_modes_that_cannot_follow_a_separate_call_are_refused(neighbour, concepts,
+                                                                         remedy, module):
+    scripts = [(ControlNetMarks(module=module), [])] + ([(neighbour, [])] if neighbour else [])
     calls = []
     original = shared.sd_model.apply_model
     shared.sd_model.apply_model = lambda *a, **k: calls.append(1) or original(*a, **k)
-    with pytest.raises(ValueError, match=remedy + ".*"):
+    with pytest.raises(ValueError, match=remedy + ".*") as refused:
         h.generate({"sampler_name": "Euler", "steps": 4}, h.script_args(concepts),
                    extra_scripts=scripts)
+    assert f"ControlNet unit 1 ({module}) cannot follow" in str(refused.value)
     assert calls == []
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+@pytest.mark.parametrize("module", ["canny", "depth_midas", "ip-adapter_clip_sd15",
+                                    "inpaint_global_harmonious", None])
+def test_controlnet_modes_that_follow_get_long_concepts_in_a_separate_call(sampler, module):
+    p_kwargs = {"sampler_name": sampler, "steps": 6, "batch_size": 2}
+    concepts = [LONG_CONCEPT, CONCEPTS[0]]
+    marks = ControlNetMarks(module=module)
+    p, ours = h.generate(p_kwargs, h.script_args(concepts), extra_scripts=[(marks, [])])
+    assert p.extra_generation_params["Latent Diffusion Guidance rows"] == "separate call"
+    # The WebUI's calls keep their 2 prompt + 2 negative rows; concept rows come in calls of
+    # their own, every row with the negative mark, long or short.
+    assert [m for m in marks.row_marks if len(m) == 4] == [[1024.0] * 2 + [-1024.0] * 2] * 6
+    concept_calls = [m for m in marks.row_marks if len(m) != 4]
+    assert concept_calls and all(set(m) == {-1024.0} for m in concept_calls)
+    reference = ReferenceGuidance(config_of(concepts))
+    expected = h.generate(p_kwargs, None, extra_scripts=[(ControlNetMarks(), []), (reference, [])])[1]
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(ours, unguided(p_kwargs))
 
 
 class AdetailerLikePass:
@@ -692,8 +742,8 @@ def test_a_refusal_next_to_controlnet_leaves_nothing_behind():
     # The real WebUI showed it: the refused request's marks reached the next plain image.
     plain = {"sampler_name": "Euler", "steps": 4, "prompt": "a red house"}
     before = unguided(plain)
-    controlnet = ControlNetMarks()
-    with pytest.raises(ValueError, match="which ControlNet cannot follow"):
+    controlnet = ControlNetMarks(module="reference_only")
+    with pytest.raises(ValueError, match="which ControlNet unit 1 .reference_only. cannot follow"):
         h.generate(plain, h.script_args(CONCEPTS),
                    extra_scripts=[(controlnet, []),
                                   (AnnouncingNeighbour("Dynamic thresholding enabled"), [])])

@@ -31,6 +31,7 @@ class ReferenceGuidance:
         self.guidance = None
         self.reports_at_last_call = 0
         self.offset = None
+        self.calls = 0
 
     # the generation and its passes ---------------------------------------------------------
     def process(self, p, *args):
@@ -41,6 +42,7 @@ class ReferenceGuidance:
         self.guidance = SemanticGuidance(self.config)
         self.reports_at_last_call = 0
         self.offset = None
+        self.calls = 0
 
     def postprocess(self, p, processed, *args):
         self.unregister()
@@ -59,13 +61,18 @@ class ReferenceGuidance:
         """Where this pass joins a txt2img run of the full schedule, found by noise level."""
         p, sampler = self.p, denoiser.sampler
         if getattr(p, "is_hr_pass", False):
-            steps, _ = sd_samplers_common.setup_img2img_steps(p, p.hr_second_pass_steps or p.steps)
+            steps, t_enc = sd_samplers_common.setup_img2img_steps(p, p.hr_second_pass_steps or p.steps)
         elif p.init_latent is not None:
-            steps, _ = sd_samplers_common.setup_img2img_steps(p)
+            steps, t_enc = sd_samplers_common.setup_img2img_steps(p)
         else:
             return 0
         if isinstance(sampler, sd_samplers_timesteps.CompVisSampler):
             full = sampler.get_timesteps(p, steps)
+            if sampler.config.name == "UniPC":
+                # UniPC's img2img grid starts near, not at, a point of the full run's grid
+                # (sd_samplers_timesteps_impl.py unipc: "likely off by a bit"): its t_enc
+                # points are taken as the last t_enc of the full run's len(full).
+                return len(full) - t_enc
             calls = [float(full[len(full) - 1 - i]) for i in range(len(full) - 1)]
         else:
             calls = [float(s) for s in sampler.get_sigmas(p, steps)[:-1]]
@@ -75,6 +82,11 @@ class ReferenceGuidance:
         if self.offset is None:
             self.offset = self._offset(denoiser, level)
         reports = len(denoiser.sampler.step_reports)
+        self.calls += 1
+        if denoiser.sampler.config.name == "UniPC":
+            # One call at each point of UniPC's grid: the first before any report, each later
+            # one inside the update that then reports (uni_pc.py UniPC.sample).
+            return self.offset + (reports + 1 if self.calls > 1 else 0)
         # k-diffusion reports a step right after its first model call: a call that follows a
         # report in a two-call sampler is the second call of the step just reported.
         second_call = (reports > self.reports_at_last_call

@@ -106,10 +106,11 @@ def attach_guidance(denoiser: CFGDenoiser, config: GuidanceConfig, sampler: str,
     """Guidance for one pass, set up as the WebUI extension sets it up for a txt2img pass."""
     _, label, second_order = SAMPLERS[sampler]
     timesteps = sampler == "ddim"
+    count = len(range(0, 1000, 1000 // steps)) if timesteps else None  # the DDIM loop's timesteps
+    clock = step_clock(label, second_order=second_order, steps=steps, timestep_count=count)
     guidance = PassGuidance(
-        config, clock=step_clock(label, second_order=second_order, timestep_sampler=timesteps),
-        owner=denoiser, concept_schedules=concepts,
+        config, clock=clock, owner=denoiser, concept_schedules=concepts,
         first_prompt_rows=list(range(images)),
-        eps_outputs=timesteps, webui=toy_functions(empty), end_step=steps, observer=observer)
+        eps_outputs=timesteps, webui=toy_functions(empty), observer=observer)
     denoiser.p, denoiser.callbacks = denoiser, guidance
     return guidance
