@@ -6,9 +6,11 @@ UI can be built without it: `SemanticGuidance` is imported on first use.
 """
 
 from .config import MAX_CONCEPTS, Concept, GuidanceConfig
+from .safety_config import SafetyConfig
 from .text_form import from_text, to_text
 
-__all__ = ["Concept", "GuidanceConfig", "SemanticGuidance", "MAX_CONCEPTS", "to_text", "from_text"]
+__all__ = ["Concept", "GuidanceConfig", "SemanticGuidance", "MAX_CONCEPTS", "to_text", "from_text",
+           "SafetyConfig"]
 
 
 def __getattr__(name):
