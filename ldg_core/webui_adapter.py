@@ -27,70 +27,8 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 
-from .config import GuidanceConfig
 from .failures import StopSampling, is_out_of_memory, sampling_failure
-from .guidance import SemanticGuidance, concepts_needed
-
-
-# Samplers whose model calls cannot be placed on the step schedule the user set.
-REFUSED_SAMPLERS = {
-    "DPM fast": "it picks its own evaluation points instead of the step schedule",
-    "DPM adaptive": "it picks its own evaluation points instead of the step schedule",
-    "Restart": "it jumps back to higher noise levels, so steps repeat out of order",
-}
-# Timestep samplers whose first step makes an extra model call (PLMS's pseudo improved Euler,
-# sd_samplers_timesteps_impl.py L116-120).
-EXTRA_FIRST_CALLS = {"PLMS": 1}
-# Timestep samplers that evaluate the model once at each of the WebUI's N timesteps, where DDIM
-# and PLMS step between them (N - 1 steps): UniPC gets N as its step count and makes one call
-# at each of its N points but the last (uni_pc.py sample(): model_fn before the loop, then the
-# corrector's call inside each update, none in the final update).
-ONE_CALL_PER_TIMESTEP = {"UniPC"}
-
-
-@dataclass(frozen=True)
-class StepClock:
-    """Maps the denoiser's call counter within a pass to the step index of the full schedule.
-
-    `offset` is the index of the pass's first step (img2img and hires passes join the schedule
-    part-way), `calls_per_step` is 2 for samplers that evaluate the model twice per step,
-    `end_step` the number of steps of the full schedule (None: not known).
-    """
-
-    offset: int = 0
-    calls_per_step: int = 1
-    extra_first_calls: int = 0
-    end_step: Optional[int] = None
-
-    def index(self, call: int) -> int:
-        return self.offset + max(call - self.extra_first_calls, 0) // self.calls_per_step
-
-
-def step_clock(sampler_name: str, *, second_order: bool, steps: int,
-               timestep_count: Optional[int] = None,
-               img2img_schedule: Optional[Tuple[int, int]] = None) -> StepClock:
-    """The clock of one pass of `steps` steps (the full schedule's, for img2img and hires).
-
-    `timestep_count`: for timestep samplers (DDIM, PLMS, UniPC), how many timesteps the
-    WebUI's get_timesteps gives for the full schedule: they are 1000 // steps apart
-    (sd_samplers_timesteps.py L86-97), so 10 steps give 10 but 12 give 13. None for
-    k-diffusion samplers. `img2img_schedule` is (steps, t_enc) as the WebUI's
-    setup_img2img_steps gives them for an img2img or hires pass; None for txt2img.
-
-    A pass of img2img or hires runs the last steps of the full schedule: k-diffusion runs
-    sigmas[steps - t_enc - 1:] (sd_samplers_kdiffusion.py L138-139), timestep samplers
-    timesteps[:t_enc] (sd_samplers_timesteps.py L101-103). Raises ValueError for samplers that
-    follow no fixed schedule.
-    """
-    if sampler_name in REFUSED_SAMPLERS:
-        raise ValueError(f"the sampler {sampler_name!r} is not supported: "
-                         f"{REFUSED_SAMPLERS[sampler_name]}. Choose another sampler")
-    if timestep_count is None:
-        first = steps - img2img_schedule[1] - 1 if img2img_schedule else 0
-        return StepClock(max(first, 0), 2 if second_order else 1, end_step=steps)
-    end = timestep_count if sampler_name in ONE_CALL_PER_TIMESTEP else timestep_count - 1
-    first = max(timestep_count - img2img_schedule[1], 0) if img2img_schedule else 0
-    return StepClock(first, 1, EXTRA_FIRST_CALLS.get(sampler_name, 0), end)
+from .passes import GuidancePass, row_chunks
 
 
 @dataclass(frozen=True)
@@ -134,19 +72,16 @@ class _Call:
 class PassGuidance:
     """Guidance for one sampling pass of one generation; its on_* methods are the callbacks."""
 
-    def __init__(self, config: GuidanceConfig, *, clock: StepClock, owner: Any,
-                 concept_schedules: Sequence[Any], first_prompt_rows: Sequence[int],
-                 eps_outputs: bool, webui: WebUIFunctions, separate_call: bool = False,
-                 max_rows: int = 0,
-                 observer: Optional[Callable[[int, torch.Tensor], None]] = None):
-        self.guidance = SemanticGuidance(config, end_step=clock.end_step, observer=observer)
+    def __init__(self, guidance: GuidancePass, *, owner: Any, concept_schedules: Sequence[Any],
+                 first_prompt_rows: Sequence[int], webui: WebUIFunctions,
+                 separate_call: bool = False, max_rows: int = 0):
+        self.guidance = guidance  # the step, the concepts to evaluate, the edit
         self.separate_call = separate_call
         self.max_rows = max(int(max_rows), 0)  # rows per model call of ours; 0 = no limit
-        self.clock = clock
+        self.clock = guidance.clock
         self.owner = owner  # the processing object our script set up; other passes are left alone
         self.schedules = list(concept_schedules)  # per concept, as get_learned_conditioning gives
         self.first_prompt_rows = list(first_prompt_rows)  # each image's first prompt row
-        self.eps_outputs = eps_outputs  # timestep samplers hand over eps, k-diffusion x0
         self.webui = webui
         self._call: Optional[_Call] = None
 
@@ -208,15 +143,14 @@ class PassGuidance:
 
     def _finish_call(self, params, call: _Call) -> None:
         out, k, b = params.x, len(call.needed), call.images
-        uncond = self._to_eps(out[-b:], call)
-        cond = self._to_eps(out[self.first_prompt_rows], call)
+        uncond = out[-b:]
         concepts = None
         if k and call.extra_calls:
-            concepts = self._to_eps(self._evaluate_concepts(params.inner_model), call)
+            concepts = self._evaluate_concepts(params.inner_model)
         elif k:
-            rows = out[call.prompt_rows:call.prompt_rows + k * b]
-            concepts = self._to_eps(rows.view(k, *uncond.shape), call)
-        call.edit = self.guidance.step(step=call.index, uncond=uncond, cond=cond, concepts=concepts)
+            concepts = out[call.prompt_rows:call.prompt_rows + k * b].view(k, *uncond.shape)
+        call.edit = self.guidance.edit(call.index, x=call.x, sigma=call.sigma, uncond=uncond,
+                                       cond=out[self.first_prompt_rows], concepts=concepts)
 
     def on_cfg_after_cfg(self, params) -> None:
         call, self._call = self._call, None
@@ -226,8 +160,7 @@ class PassGuidance:
             self._apply_edit(params, call)
 
     def _apply_edit(self, params, call: _Call) -> None:
-        # k-diffusion combines x0 = x - sigma * eps, so an eps change d is an x0 change -sigma*d.
-        edit = call.edit if self.eps_outputs else call.edit * -_per_image(call.sigma, call.edit)
+        edit = call.edit
         if getattr(call.denoiser, "mask", None) is not None:
             edit = edit * call.denoiser.nmask  # inpainting: the preserved area is left alone
         params.x = params.x + edit
@@ -260,17 +193,12 @@ class PassGuidance:
         if not self.max_rows:
             return torch.stack([self._evaluate(inner_model, [(c, b)], slice(None)) for c in conds])
         rows = [(j, i) for j in range(len(conds)) for i in range(b)]
-        outputs, start = [], 0
-        while start < len(rows):
-            end = start + 1
-            while (end < len(rows) and end - start < self.max_rows
-                   and token_count(conds[rows[end][0]]) == token_count(conds[rows[start][0]])):
-                end += 1
-            chunk = rows[start:end]
+        outputs = []
+        for chunk in row_chunks([token_count(conds[j]) for j, _ in rows], self.max_rows):
+            chunk = rows[chunk]
             groups = [(conds[j], len(list(group)))
                       for j, group in itertools.groupby(chunk, key=lambda row: row[0])]
             outputs.append(self._evaluate(inner_model, groups, [i for _, i in chunk]))
-            start = end
         out = torch.cat(outputs)
         return out.view(len(conds), b, *out.shape[1:])
 
@@ -313,12 +241,6 @@ class PassGuidance:
                        "cannot be matched to the prompt rows")
         return self.webui.pad_cond(conds, repeats, empty)
 
-    def _to_eps(self, out: torch.Tensor, call: _Call) -> torch.Tensor:
-        """eps of rows shaped [..., B, C, H, W] whose inputs were the images' x and sigma."""
-        if self.eps_outputs:
-            return out
-        return (call.x - out) / _per_image(call.sigma, call.x)
-
     def _fail(self, why: str) -> None:
         """The rows are not as we laid them out: stop, rather than go on unguided."""
         self._call = None
@@ -354,16 +276,7 @@ def _with_uncond_mark(cond: Any) -> Any:
     return torch.cat([torch.zeros_like(cond[:, :1]) + UNCOND_MARK, cond], dim=1)
 
 
-def _per_image(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return sigma.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-
 def _insert_before_last(t: torch.Tensor, last: int, repeats: int) -> torch.Tensor:
     """[head] + [t[-last:]] * repeats + [t[-last:]]: concept rows copy the uncond rows' inputs."""
     tail = t[-last:]
     return torch.cat([t[:-last]] + [tail] * repeats + [tail])
-
-
-def can_act(config: GuidanceConfig, first_step: int, end_step: int) -> bool:
-    """Whether any concept can change any edit in steps [first_step, end_step)."""
-    return any(concepts_needed(config, i, end_step) for i in range(first_step, end_step))

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
 from .concept_maps import ConceptMapRecorder, batch_overlays
+from .clock import REFUSED_SAMPLERS, step_clock
 from .config import GuidanceConfig
 from .failures import GuidanceError, StopSampling, sampling_failure
 from .text_form import to_text
 from .ui_args import MAX_ROWS_OPTION
-from .webui_adapter import (REFUSED_SAMPLERS, PassGuidance, WebUIFunctions, can_act, step_clock,
-                            token_count)
+from .forge import ForgeFunctions, ForgePass, post_cfg_function
+from .passes import GuidancePass
+from .webui_adapter import PassGuidance, WebUIFunctions, token_count
 
 log = logging.getLogger("latent_diffusion_guidance")
 
@@ -37,9 +39,21 @@ class WebUIModules:
     sd_samplers_common: Any  # setup_img2img_steps
     sd_samplers_cfg_denoiser: Any  # catenate_conds, pad_cond
     sd_samplers_timesteps: Any  # CompVisSampler: the samplers that hand over eps
+    forge: Optional[ForgeFunctions] = None  # Forge / Forge Neo: guidance as a post-CFG function
 
 
 def model_problem(model: Any) -> Optional[str]:
+    # Forge names what its UNet predicts (backend/modules/k_prediction.py): flow models
+    # (SD3, Flux, Chroma, ...) are 'const', EDM models 'edm'; reForge has ComfyUI's model
+    # types (ldm_patched/modules/model_base.py ModelType: EPS, V_PREDICTION, FLOW, ...).
+    unet_model = getattr(getattr(getattr(model, "forge_objects", None), "unet", None), "model", None)
+    kind = getattr(getattr(unet_model, "predictor", None), "prediction_type", None) or {
+        "EPS": "epsilon", "V_PREDICTION": "v_prediction"}.get(
+        getattr(getattr(unet_model, "model_type", None), "name", "EPS"), "const")
+    if kind not in ("epsilon", "v_prediction"):
+        return (f"{type(model).__name__} models are not supported: they predict "
+                f"{'a flow' if kind == 'const' else kind + ' outputs'}, not noise estimates, "
+                "and the method's concept directions are differences of noise estimates")
     if getattr(model, "is_sd3", False):
         return ("SD3 models are not supported: they are flow-matching models, whose outputs are "
                 "not noise estimates")
@@ -68,6 +82,8 @@ class Generation:
         self.current: Optional[PassGuidance] = None
         self.encoded_for: Any = None
         self.registered = False
+        self._forge_unets = None  # Forge: (the pass's UNet, our patched clone of it)
+        self._pass_key = None  # the pass last set up: (sampler, hires)
         # Concept maps: per batch, the recorders of its passes; None when the option is off.
         self.map_batches: Optional[List[List[ConceptMapRecorder]]] = [] if concept_maps else None
 
@@ -117,10 +133,12 @@ class Generation:
                 self.unregister()
         p.sample = sample_with_guidance
 
-    def start_pass(self, c: Any) -> None:
-        """From process_before_every_sampling: the first pass, or the hires pass, begins."""
+    def start_pass(self, c: Any, uc: Any = None) -> None:
+        """From process_before_every_sampling: the first pass, or the hires pass, begins.
+        On Forge it comes twice before the hires pass, and only the second counts
+        (processing.py L1510, L1522): each call sets the pass up anew."""
         try:
-            guidance = self._new_pass(c)
+            guidance = self._new_pass(c, uc)
         except GuidanceError as error:
             return self._refuse_pass(error)
         except Exception as error:  # no image and a message, rather than an unguided image
@@ -129,15 +147,22 @@ class Generation:
                 error = f"could not set up guidance: {error!r}"
             return self._refuse_pass(GuidanceError(str(error)))
         self.current = guidance
-        if can_act(self.config, guidance.clock.offset, guidance.clock.end_step):
+        if guidance.guidance.can_act():
             self.register()
         else:
             self.unregister()
 
-    def _new_pass(self, c: Any):
-        p, sampler = self.p, self.p.sampler
-        for problem in two_row_controlnet_units(p):
-            raise GuidanceError(problem)
+    def _new_pass(self, c: Any, uc: Any):
+        p, sampler, forge = self.p, self.p.sampler, self.m.forge
+        if forge is not None and uc is None:
+            raise GuidanceError(
+                f"{forge.name} computes no estimate of the negative prompt at a "
+                f"{'Hires CFG Scale' if getattr(p, 'is_hr_pass', False) else 'CFG scale'} of 1 "
+                "(modules/processing.py), and concepts are directions from it: raise it above 1, "
+                "or turn guidance off")
+        if forge is None:
+            for problem in two_row_controlnet_units(p):
+                raise GuidanceError(problem)
         timesteps = isinstance(sampler, self.m.sd_samplers_timesteps.CompVisSampler)
         steps, schedule = self._schedule()
         clock = step_clock(sampler.config.name, steps=steps,
@@ -145,22 +170,36 @@ class Generation:
                            timestep_count=len(sampler.get_timesteps(p, steps)) if timesteps else None,
                            img2img_schedule=schedule)
         conds = self._encode()
+        # Forge hands every sampler's outputs over in x0; on A1111 timestep samplers give eps.
+        guidance = GuidancePass(self.config, clock=clock, eps_outputs=timesteps and forge is None,
+                                observer=self._map_observer())
+        if forge is not None:
+            return ForgePass(guidance, denoiser=sampler.model_wrap_cfg, forge=forge,
+                             concept_conds=lambda call: [
+                                 self.m.prompt_parser.reconstruct_cond_batch([schedule], call)
+                                 for schedule in conds],
+                             skips_uncond=self._skips_uncond, max_rows=self._row_limit())
         repeats = [len(rows) for rows in c.batch]
-        max_rows = self._max_rows(sum(repeats) + len(repeats), len(repeats))
-        observer = None
-        if self.map_batches is not None:
-            if not getattr(p, "is_hr_pass", False) or not self.map_batches:
-                self.map_batches.append([])  # a new batch starts with its first pass
-            recorder = ConceptMapRecorder()
-            self.map_batches[-1].append(recorder)
-            observer = recorder.observe
-        guidance = PassGuidance(
-            self.config, clock=clock, owner=p, concept_schedules=conds,
+        return PassGuidance(
+            guidance, owner=p, concept_schedules=conds,
             first_prompt_rows=[0] + list(itertools.accumulate(repeats))[:-1],
-            eps_outputs=timesteps, webui=self._functions(),
-            separate_call=self._separate_call_needed(c, conds),
-            max_rows=max_rows, observer=observer)
-        return guidance
+            webui=self._functions(), separate_call=self._separate_call_needed(c, conds),
+            max_rows=self._max_rows(sum(repeats) + len(repeats), len(repeats)))
+
+    def _map_observer(self) -> Optional[Callable]:
+        """A recorder's observer for this pass's concept maps (None when maps are off)."""
+        if self.map_batches is None:
+            return None
+        p = self.p
+        key = (id(p.sampler), getattr(p, "is_hr_pass", False))
+        if key == self._pass_key:
+            self.map_batches[-1].pop()  # the same pass set up again (Forge's hires pass)
+        elif not key[1] or not self.map_batches:
+            self.map_batches.append([])  # a new batch starts with its first pass
+        self._pass_key = key
+        recorder = ConceptMapRecorder()
+        self.map_batches[-1].append(recorder)
+        return recorder.observe
 
     def concept_map_overlays(self, images: List[Any]) -> List[Tuple[int, int, Any]]:
         """(image index, concept index, RGB uint8 overlay) for `images`, the generation's
@@ -173,16 +212,20 @@ class Generation:
                        for b, index, picture in batch_overlays(passes, batch)]
         return result
 
-    def _max_rows(self, webui_rows: int, images: int) -> int:
-        """The Settings' row limit for our model calls (0 = none). Next to a ControlNet unit
-        whose per-row state cannot follow rows in other calls, a limit the concept rows would
-        pass stops the generation (every concept's rows are in every call there)."""
+    def _row_limit(self) -> int:
+        """The Settings' row limit for our model calls (0 = none)."""
         limit = getattr(self.m.shared.opts, MAX_ROWS_OPTION, 0) or 0
         try:
-            limit = max(int(limit), 0)
+            return max(int(limit), 0)
         except (TypeError, ValueError):
             raise GuidanceError(f"the setting 'Max rows per UNet call' must be a whole number "
                                 f">= 0, got {limit!r}")
+
+    def _max_rows(self, webui_rows: int, images: int) -> int:
+        """The row limit on A1111. Next to a ControlNet unit whose per-row state cannot follow
+        rows in other calls, a limit the concept rows would pass stops the generation (every
+        concept's rows are in every call there)."""
+        limit = self._row_limit()
         rows = webui_rows + len(self.config.concepts) * images
         blocking = self._units_that_cannot_follow() if 0 < limit < rows else []
         if blocking:
@@ -308,6 +351,17 @@ class Generation:
     # -- callbacks ---------------------------------------------------------------------------
 
     def register(self) -> None:
+        if self.m.forge is not None:
+            # Forge resets the UNet before every pass (processing.py L1373, L1518, L1851):
+            # the pass's post-CFG function goes on a clone of it, as Forge's own PAG does.
+            unet = self.p.sd_model.forge_objects.unet
+            patched = unet.clone()
+            patched.set_model_sampler_post_cfg_function(
+                post_cfg_function(self.current),
+                disable_cfg1_optimization=self.m.forge.keep_cfg1_uncond)
+            self.p.sd_model.forge_objects.unet = patched
+            self._forge_unets = (unet, patched)
+            return
         if self.registered:
             return
         cb = self.m.script_callbacks
@@ -317,6 +371,11 @@ class Generation:
         self.registered = True
 
     def unregister(self) -> None:
+        if self._forge_unets is not None:
+            unet, patched = self._forge_unets
+            if self.p.sd_model.forge_objects.unet is patched:
+                self.p.sd_model.forge_objects.unet = unet
+            self._forge_unets = None
         if not self.registered:
             return
         for callback in (self.on_cfg_denoiser, self.on_cfg_denoised, self.on_cfg_after_cfg):

@@ -13,6 +13,7 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from ldg_core import MAX_CONCEPTS
+from ldg_core.hosts import detect_host, describe_host
 from ldg_core.paste import paste_from_params
 from ldg_core.presets import all_presets, find_preset, save_user_preset, user_presets_path
 from ldg_core.script_args import GLOBAL_OVERRIDES, settings_from_args
@@ -28,6 +29,8 @@ DEFAULT_VISIBLE_SLOTS = 3
 XYZ_ATTRIBUTE = "latent_diffusion_guidance_xyz"  # a cell's axis values, on its processing copy
 _conds_cache = [None, None]  # concept conditioning, kept across generations like the WebUI's
 _modules = []  # the WebUI modules the sampling side uses, looked up once
+HOST = detect_host()
+print(f"Latent Diffusion Guidance: {describe_host(HOST)}")
 
 
 def visible_slots():
@@ -189,7 +192,7 @@ class LatentDiffusionGuidanceScript(scripts.Script):
         from ldg_core.webui_generation import Generation
         generation = Generation.of(p)
         if generation is not None:
-            generation.start_pass(kwargs["c"])
+            generation.start_pass(kwargs["c"], kwargs.get("uc"))
 
     def postprocess(self, p, processed, *args):
         from ldg_core.webui_generation import Generation
@@ -211,8 +214,25 @@ def webui_modules():
             shared=shared, script_callbacks=script_callbacks, prompt_parser=prompt_parser,
             sd_samplers_common=sd_samplers_common,
             sd_samplers_cfg_denoiser=sd_samplers_cfg_denoiser,
-            sd_samplers_timesteps=sd_samplers_timesteps))
+            sd_samplers_timesteps=sd_samplers_timesteps,
+            forge=forge_functions() if HOST != "a1111" else None))
     return _modules[0]
+
+
+def forge_functions():
+    """How concepts are evaluated where the model runs in the host's own sampling code."""
+    from ldg_core.forge import ForgeFunctions
+    if HOST == "forge":
+        from backend.sampling import condition, sampling_function
+        return ForgeFunctions(
+            "Forge", lambda model, entry, x, sigma, options: sampling_function.
+            calc_cond_uncond_batch(model, [], [entry], x, sigma, options)[1],
+            cross_attn=condition.ConditionCrossAttn, condition=condition.Condition)
+    from ldm_patched.modules import conds, samplers
+    return ForgeFunctions(
+        "reForge", lambda model, entry, x, sigma, options: samplers.calc_cond_batch(
+            model, [None, [entry]], x, sigma, options)[1],
+        cross_attn=conds.CONDCrossAttn, condition=conds.CONDRegular, keep_cfg1_uncond=True)
 
 
 def add_concept_maps(p, processed, generation):

@@ -9,7 +9,7 @@ import torch
 
 from tests import webui_harness as h
 from tests.webui_harness import webui_state  # noqa: F401 (autouse: a fresh double per test)
-from tests.test_webui_paths import CONCEPTS, LONG_CONCEPT, guided, unguided
+from tests.test_webui_paths import CONCEPTS, LONG_CONCEPT, guided
 from tests.webui_double.model import TinySD
 from modules import script_callbacks, shared
 

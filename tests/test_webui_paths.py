@@ -242,10 +242,12 @@ def test_concept_schedules_run_on_the_prompts_clock():
 
 def test_a_pass_of_another_processing_object_is_left_alone():
     # ADetailer runs inner passes with copies of p while our callbacks are registered.
-    from ldg_core.webui_adapter import PassGuidance, StepClock
+    from ldg_core.clock import StepClock
+    from ldg_core.passes import GuidancePass
+    from ldg_core.webui_adapter import PassGuidance
     from modules.script_callbacks import CFGDenoiserParams
-    guidance = PassGuidance(config_of(CONCEPTS), clock=StepClock(), owner=object(),
-                            concept_schedules=[], first_prompt_rows=[0], eps_outputs=False,
+    guidance = PassGuidance(GuidancePass(config_of(CONCEPTS), clock=StepClock(), eps_outputs=False),
+                            owner=object(), concept_schedules=[], first_prompt_rows=[0],
                             webui=None)
     denoiser = type("Denoiser", (), {"p": object(), "step": 0})()
     x = torch.zeros(2, 4, 8, 8)

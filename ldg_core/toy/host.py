@@ -15,7 +15,9 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ..config import GuidanceConfig
-from ..webui_adapter import PassGuidance, WebUIFunctions, step_clock
+from ..clock import step_clock
+from ..passes import GuidancePass
+from ..webui_adapter import PassGuidance, WebUIFunctions
 
 # name: (k-diffusion function or None for DDIM, the WebUI's label, second order)
 SAMPLERS = {
@@ -109,8 +111,8 @@ def attach_guidance(denoiser: CFGDenoiser, config: GuidanceConfig, sampler: str,
     count = len(range(0, 1000, 1000 // steps)) if timesteps else None  # the DDIM loop's timesteps
     clock = step_clock(label, second_order=second_order, steps=steps, timestep_count=count)
     guidance = PassGuidance(
-        config, clock=clock, owner=denoiser, concept_schedules=concepts,
-        first_prompt_rows=list(range(images)),
-        eps_outputs=timesteps, webui=toy_functions(empty), observer=observer)
+        GuidancePass(config, clock=clock, eps_outputs=timesteps, observer=observer),
+        owner=denoiser, concept_schedules=concepts, first_prompt_rows=list(range(images)),
+        webui=toy_functions(empty))
     denoiser.p, denoiser.callbacks = denoiser, guidance
     return guidance

@@ -1,0 +1,196 @@
+"""The WebUI script on the Forge double (tests/forge_double.py), driven by the real k-diffusion
+samplers: disabled is bit-identical, enabled matches an independent reference that evaluates
+each concept in a model call of its own and applies SemanticGuidance directly."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests import webui_harness as h  # first: it puts the WebUI double on sys.path
+from tests import forge_double
+from tests.webui_harness import webui_state  # noqa: F401 (autouse: a fresh double per test)
+from tests.test_webui_paths import CONCEPTS, LONG_CONCEPT, config_of
+from tests.webui_double.model import TinySD
+from tests.webui_reference import ReferenceGuidance
+from ldg_core.forge import ForgeFunctions
+from modules import script_callbacks, shared
+
+SAMPLERS = ["Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ SDE", "DPM2", "LMS", "LCM"]
+
+
+def forge_functions(calc_cond_uncond_batch=forge_double.calc_cond_uncond_batch):
+    """What the script hands over on Forge (scripts/latent_diffusion_guidance.py
+    forge_functions), with the double's pieces."""
+    return ForgeFunctions(
+        "Forge", lambda model, entry, x, sigma, options: calc_cond_uncond_batch(
+            model, [], [entry], x, sigma, options)[1],
+        cross_attn=forge_double.ConditionCrossAttn, condition=forge_double.Condition)
+
+
+@pytest.fixture(autouse=True)
+def forge(webui_state, monkeypatch):  # noqa: F811 (after the fresh WebUI double)
+    base = forge_double.install(monkeypatch, shared.sd_model)
+    monkeypatch.setattr(h.SCRIPT_MODULE, "HOST", "forge")
+    monkeypatch.setattr(h.SCRIPT_MODULE, "_modules", [])
+    monkeypatch.setattr(h.SCRIPT_MODULE, "forge_functions", forge_functions)
+    return base
+
+
+class ForgeReference(ReferenceGuidance):
+    """The reference of the A1111 tests (its step index from the sampler's reports and noise
+    levels), as a post-CFG function of its own: each concept evaluated alone, unpadded."""
+    def process(self, p, *args):
+        self.p = p
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        super().process_before_every_sampling(p, *args, **kwargs)
+        unet = p.sd_model.forge_objects.unet.clone()
+        unet.set_model_sampler_post_cfg_function(lambda args: self.post_cfg(args))
+        p.sd_model.forge_objects.unet = unet
+
+    def postprocess(self, p, processed, *args):
+        pass
+
+    def post_cfg(self, args):
+        denoiser = self.p.sampler.model_wrap_cfg
+        x, sigma, b = args["input"], args["sigma"], args["input"].shape[0]
+
+        def eps(out):
+            return (x - out) / sigma.view(-1, 1, 1, 1)
+        estimates = []
+        for concept in self.config.concepts:
+            text = shared.sd_model.get_learned_conditioning([concept.prompt])
+            cond = ({"c_crossattn": [text["crossattn"].expand(b, -1, -1)],
+                     "vector": text["vector"].expand(b, -1)} if isinstance(text, dict)
+                    else {"c_crossattn": [text.expand(b, -1, -1)]})
+            estimates.append(eps(args["model"](x, sigma, cond=cond)))
+        index = self._index(denoiser, sigma[0])
+        edit = self.guidance.step(step=index, uncond=eps(args["uncond_denoised"]),
+                                  cond=eps(args["cond_denoised"]), concepts=torch.stack(estimates))
+        edit = -sigma.view(-1, 1, 1, 1) * edit
+        if denoiser.mask is not None:
+            edit = edit * denoiser.nmask
+        return args["denoised"] + edit
+
+
+def guided(p_kwargs, concepts=CONCEPTS, **settings):
+    return h.generate(p_kwargs, h.script_args(concepts, **settings))
+
+
+def referenced(p_kwargs, concepts=CONCEPTS, **settings):
+    reference = ForgeReference(config_of(concepts, **settings))
+    return h.generate(p_kwargs, None, extra_scripts=[(reference, [])])[1]
+
+
+def assert_guided_as_reference(p_kwargs, concepts=CONCEPTS, **settings):
+    p, ours = guided(p_kwargs, concepts, **settings)
+    expected = referenced(p_kwargs, concepts, **settings)
+    plain = h.generate(p_kwargs)[1]
+    assert (ours - plain).abs().max() > 1e-3, "guidance had no visible effect"
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    return p
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_disabled_is_bit_identical_and_patches_nothing(sampler, forge):
+    p_kwargs = {"sampler_name": sampler, "steps": 6}
+    plain = h.generate(p_kwargs)[1]
+    p, off = h.generate(p_kwargs, h.script_args(CONCEPTS, enabled=False))
+    assert torch.equal(plain, off)
+    assert "sampler_post_cfg_function" not in shared.sd_model.forge_objects.unet.model_options
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_enabled_matches_the_reference(sampler):
+    p = assert_guided_as_reference({"sampler_name": sampler, "steps": 8})
+    assert p.extra_generation_params["Latent Diffusion Guidance"].startswith('add "smiling woman"')
+
+
+def test_no_webui_callbacks_are_registered_on_forge():
+    counts = []
+
+    def spy(params):
+        counts.append(script_callbacks.registered_count())
+    script_callbacks.on_cfg_denoiser(spy, name="spy")
+    guided({"sampler_name": "Euler", "steps": 4})
+    script_callbacks.remove_callbacks_for_function(spy)
+    # Forge fires on_cfg_denoiser with the images' rows only: A1111's row callbacks of ours
+    # would stop there. Only the spy is registered while sampling.
+    assert counts == [1] * 4
+
+
+def test_all_needed_concepts_go_in_one_model_call(forge):
+    guided({"sampler_name": "Euler", "steps": 6, "batch_size": 2})
+    # Per step: Forge's cond and uncond calls (2 rows each), then one call of 2 concepts x 2 images.
+    assert forge.model.calls == [2, 2, 4] * 6
+
+
+@pytest.mark.parametrize("limit, rows", [(2, [2, 2]), (3, [2, 2]), (4, [4]), (1, [2, 2])])
+def test_the_row_limit_takes_whole_concepts(forge, limit, rows):
+    p_kwargs = {"sampler_name": "DPM++ 2M", "steps": 4, "batch_size": 2}
+    unlimited = guided(p_kwargs)[1]
+    shared.opts.ldg_max_rows_per_call = limit
+    forge.model.calls.clear()
+    limited = guided(p_kwargs)[1]
+    assert torch.equal(limited, unlimited)
+    assert forge.model.calls == ([2, 2] + rows) * 4
+
+
+def test_batch_img2img_hires_and_long_concepts():
+    init = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    concepts = [dict(CONCEPTS[0], warmup=4), CONCEPTS[1]]
+    assert_guided_as_reference({"sampler_name": "Euler", "steps": 10, "init_latent": init,
+                                "batch_size": 2, "denoising_strength": 0.5}, concepts)
+    assert_guided_as_reference({"sampler_name": "Heun", "steps": 6, "enable_hr": True,
+                                "hr_scale": 2, "hr_second_pass_steps": 4,
+                                "denoising_strength": 0.6}, concepts)
+    assert_guided_as_reference({"sampler_name": "DPM++ 2M", "steps": 6},
+                               [LONG_CONCEPT, CONCEPTS[0]])
+
+
+def test_inpainting_leaves_the_preserved_area_alone():
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+    p_kwargs = {"sampler_name": "Euler", "steps": 8, "init_latent": init, "mask": mask,
+                "nmask": 1 - mask, "denoising_strength": 0.75}
+    _, ours = guided(p_kwargs)
+    assert torch.equal(ours * mask, init * mask)
+    assert_guided_as_reference(p_kwargs)
+
+
+def test_sdxl_conditioning_and_v_prediction(monkeypatch):
+    shared.sd_model = TinySD(sdxl=True)
+    forge_double.install(monkeypatch, shared.sd_model)
+    assert_guided_as_reference({"sampler_name": "Euler", "steps": 6})
+    shared.sd_model = TinySD(v_prediction=True)
+    forge_double.install(monkeypatch, shared.sd_model)
+    assert_guided_as_reference({"sampler_name": "DPM++ 2M", "steps": 6})
+
+
+def test_cfg_one_is_refused_before_sampling(forge):
+    with pytest.raises(ValueError, match="Forge computes no estimate of the negative prompt at "
+                                         "a CFG scale of 1"):
+        guided({"sampler_name": "Euler", "steps": 4, "cfg_scale": 1.0})
+    assert forge.model.calls == []
+
+
+def test_flow_models_are_refused_before_sampling(forge):
+    forge.model.predictor = SimpleNamespace(prediction_type="const")
+    with pytest.raises(ValueError, match="TinySD models are not supported: they predict a flow"):
+        guided({"sampler_name": "Euler", "steps": 4})
+    assert forge.model.calls == []
+
+
+def test_a_failure_in_the_concept_call_stops_the_generation_once(forge, monkeypatch):
+    original = forge_double.calc_cond_uncond_batch
+
+    def failing(model, cond, uncond, *args):
+        if not cond:  # ours: the concepts in the negative slot alone
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(model, cond, uncond, *args)
+    monkeypatch.setattr(h.SCRIPT_MODULE, "forge_functions", lambda: forge_functions(failing))
+    with pytest.raises(ValueError, match="out of memory at step 0 while evaluating the concepts"):
+        guided({"sampler_name": "Euler", "steps": 4})
+    assert "sampler_post_cfg_function" not in shared.sd_model.forge_objects.unet.model_options
+
