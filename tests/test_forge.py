@@ -1,6 +1,7 @@
 """The WebUI script on the Forge double (tests/forge_double.py), driven by the real k-diffusion
 samplers: disabled is bit-identical, enabled matches an independent reference that evaluates
 each concept in a model call of its own and applies SemanticGuidance directly."""
+import functools
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 from tests import webui_harness as h  # first: it puts the WebUI double on sys.path
 from tests import forge_double
 from tests.webui_harness import webui_state  # noqa: F401 (autouse: a fresh double per test)
-from tests.test_webui_paths import CONCEPTS, LONG_CONCEPT, config_of
+from tests import test_webui_paths as paths
+from tests.test_webui_paths import CONCEPTS, LONG_CONCEPT, guided
 from tests.webui_double.model import TinySD
 from tests.webui_reference import ReferenceGuidance
 from ldg_core.forge import ForgeFunctions
@@ -73,22 +75,8 @@ class ForgeReference(ReferenceGuidance):
         return args["denoised"] + edit
 
 
-def guided(p_kwargs, concepts=CONCEPTS, **settings):
-    return h.generate(p_kwargs, h.script_args(concepts, **settings))
-
-
-def referenced(p_kwargs, concepts=CONCEPTS, **settings):
-    reference = ForgeReference(config_of(concepts, **settings))
-    return h.generate(p_kwargs, None, extra_scripts=[(reference, [])])[1]
-
-
-def assert_guided_as_reference(p_kwargs, concepts=CONCEPTS, **settings):
-    p, ours = guided(p_kwargs, concepts, **settings)
-    expected = referenced(p_kwargs, concepts, **settings)
-    plain = h.generate(p_kwargs)[1]
-    assert (ours - plain).abs().max() > 1e-3, "guidance had no visible effect"
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
-    return p
+assert_guided_as_reference = functools.partial(paths.assert_guided_as_reference,
+                                               reference=ForgeReference)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

@@ -38,14 +38,15 @@ def guided(p_kwargs, concepts=CONCEPTS, **settings):
     return h.generate(p_kwargs, h.script_args(concepts, **settings))
 
 
-def referenced(p_kwargs, concepts=CONCEPTS, **settings):
-    reference = ReferenceGuidance(config_of(concepts, **settings))
+def referenced(p_kwargs, concepts=CONCEPTS, reference=ReferenceGuidance, **settings):
+    reference = reference(config_of(concepts, **settings))
     return h.generate(p_kwargs, None, extra_scripts=[(reference, [])])[1]
 
 
-def assert_guided_as_reference(p_kwargs, concepts=CONCEPTS, **settings):
+def assert_guided_as_reference(p_kwargs, concepts=CONCEPTS, reference=ReferenceGuidance,
+                               **settings):
     p, ours = guided(p_kwargs, concepts, **settings)
-    expected = referenced(p_kwargs, concepts, **settings)
+    expected = referenced(p_kwargs, concepts, reference, **settings)
     plain = unguided(p_kwargs)
     assert (ours - plain).abs().max() > 1e-3, "guidance had no visible effect"
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
