@@ -1,9 +1,10 @@
 """The demo: semantic guidance on the toy model next to what users do today instead.
 
 `python -m ldg_core.toy.demo [--out PATH] [--seeds N]` draws a captioned PNG grid of the method
-authors' example applications (add, remove, boost, suppress, several concepts at once) and
-sweeps of scale, threshold and warmup, prints a table of the measured effects over several
-seeds, and prints the PNG's path as its last line.
+authors' example applications (add, remove, boost, suppress, several concepts at once),
+sweeps of scale, threshold and warmup, and our "Safety" presets next to Safe Latent Diffusion's
+configurations (a colour stands in for the concept to remove), prints a table of the measured
+effects over several seeds, and prints the PNG's path as its last line.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -19,6 +20,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ..config import Concept, GuidanceConfig
+from ..presets import BUILTIN_PRESETS
+from ..safety_config import PRESETS as SLD_PRESETS
+from ..safety_config import SafetyConfig
 from . import load
 from .measure import colour_share, layout_overlap
 
@@ -32,6 +36,7 @@ class Cell:
     prompt: str
     guidance: Optional[GuidanceConfig] = None
     negative_prompt: str = ""
+    safety: Optional[SafetyConfig] = None
 
 
 @dataclass
@@ -48,6 +53,28 @@ def concept(prompt, **settings) -> Concept:
 
 def guided(*concepts: Concept, momentum: float = 0.0) -> GuidanceConfig:
     return GuidanceConfig(concepts=list(concepts), momentum_scale=momentum)
+
+
+def sega_safety(level: str, colour: str) -> GuidanceConfig:
+    """Our preset "Safety: <level>" with its concept prompt replaced by `colour` (removed)."""
+    config = BUILTIN_PRESETS[f"Safety: {level}"].config
+    return replace(config, concepts=[replace(c, prompt=colour) for c in config.concepts])
+
+
+def safety_rows(colour: str = "red") -> List[Row]:
+    """Our SEGA "Safety" presets and SLD's configurations, both removing `colour` from a
+    prompt that asks for it: the colour stands in for unsafe content."""
+    prompt = f"a {colour} circle on a white background"
+    levels = list(SLD_PRESETS)  # weak, medium, strong, max
+    return [
+        Row(f'SEGA Safety presets, "{colour}"', [Cell("plain", prompt)] + [
+            Cell(f"SEGA Safety {level}", prompt, sega_safety(level, colour)) for level in levels
+        ], colour, range(1, 5)),
+        Row(f'SLD configurations, "{colour}"', [Cell("plain", prompt)] + [
+            Cell(f"SLD {level}", prompt, safety=SafetyConfig.preset(level, colour))
+            for level in levels
+        ], colour, range(1, 5)),
+    ]
 
 
 def rows() -> List[Row]:
@@ -95,7 +122,7 @@ def rows() -> List[Row]:
             Cell(f"warmup {w}", free, guided(concept("blue", warmup=w)))
             for w in (0, 2, 4, 6, 10, 15)
         ], "blue", range(1, 7)),
-    ]
+    ] + safety_rows()
 
 
 def measure_rows(pipe, table: List[Row], seeds: int, progress) -> dict:
@@ -105,7 +132,8 @@ def measure_rows(pipe, table: List[Row], seeds: int, progress) -> dict:
         for c, cell in enumerate(row.cells):
             for seed in range(seeds):
                 images[r, c, seed] = pipe.generate(cell.prompt, seed=seed, guidance=cell.guidance,
-                                                   negative_prompt=cell.negative_prompt)
+                                                   negative_prompt=cell.negative_prompt,
+                                                   safety=cell.safety)
                 progress.update()
     return images
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import GuidanceConfig
-from .host import SAMPLERS, CFGDenoiser, attach_guidance
+from ..safety_config import SafetyConfig
+from .host import SAMPLERS, CFGDenoiser, attach_guidance, attach_safety
 from .model import LATENT_CHANNELS, LATENT_SIZE, ToyModel, latent_to_image
 
 WEIGHTS = os.path.join(os.path.dirname(__file__), "toy_model.safetensors")
@@ -40,17 +41,21 @@ class ToyPipeline:
     @torch.no_grad()
     def generate(self, prompt: str, *, seed: int, steps: int = 20, cfg_scale: float = 7.0,
                  sampler: str = "euler", guidance: Optional[GuidanceConfig] = None,
-                 negative_prompt: str = "") -> np.ndarray:
-        """uint8 [32, 32, 3]. The same arguments give the same image."""
+                 negative_prompt: str = "", safety: Optional[SafetyConfig] = None
+                 ) -> np.ndarray:
+        """uint8 [32, 32, 3]. The same arguments give the same image. `safety`: Safe Latent
+        Diffusion away from its concept, alone or with `guidance` (their edits add)."""
         return self.generate_latent(prompt, seed=seed, steps=steps, cfg_scale=cfg_scale,
                                     sampler=sampler, guidance=guidance,
-                                    negative_prompt=negative_prompt)[1]
+                                    negative_prompt=negative_prompt, safety=safety)[1]
 
     @torch.no_grad()
     def generate_latent(self, prompt, *, seed, steps=20, cfg_scale=7.0, sampler="euler",
-                        guidance=None, negative_prompt="", observer=None):
+                        guidance=None, negative_prompt="", observer=None, safety=None):
         """(latent, image); `observer(concept index, mask)` sees every mask the engine applies
         (ldg_core.concept_maps.ConceptMapRecorder.observe records concept maps)."""
+        if safety is not None and not isinstance(safety, SafetyConfig):
+            raise ValueError(f"safety must be a SafetyConfig or None, got {type(safety).__name__}")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
         if not isinstance(steps, int) or steps < 2:
@@ -64,6 +69,9 @@ class ToyPipeline:
             concepts = [self.encode(c.prompt) for c in guidance.concepts]
             attach_guidance(denoiser, guidance, sampler, 1, concepts, self.encode(""), steps,
                             observer)
+        if safety is not None:
+            attach_safety(denoiser, safety, sampler, self.encode(safety.concept), steps,
+                          cfg_scale)
         args = {"cond": cond, "uncond": uncond, "cond_scale": cfg_scale}
         if ddim:
             latent = self._ddim(denoiser, noise, steps, args)
