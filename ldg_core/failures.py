@@ -42,7 +42,8 @@ def sampling_failure(error: BaseException, *, step: int, rows: int, what: str) -
     """The message for `error`, raised at `step` while our code did `what` with `rows` rows
     (concept rows it evaluated, 0 if none)."""
     if is_out_of_memory(error):
-        return (f"out of memory at step {step} while {what} ({rows} concept rows): lower "
+        return (f"out of memory at step {step} while {what} ({rows} concept "
+                f"row{'' if rows == 1 else 's'}): lower "
                 f"'{ROW_LIMIT_SETTING}' (2 x batch size keeps every model call no larger than "
                 "one without guidance) or use fewer concepts")
     return (f"failed at step {step} while {what}: {type(error).__name__}: {error}. The "

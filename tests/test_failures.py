@@ -63,7 +63,7 @@ def test_out_of_memory_in_the_call_with_our_rows_names_the_row_limit(sampler):
 
 @pytest.mark.parametrize("error, message", [
     (oom(), r"out of memory at step 0 while evaluating the concepts in a model call of their "
-            r"own \(1 concept rows\): lower"),
+            r"own \(1 concept row\): lower"),
     (RuntimeError("shape mismatch in the UNet"),
      r"failed at step 0 while evaluating the concepts in a model call of their own: "
      r"RuntimeError: shape mismatch in the UNet. The generation was stopped"),
