@@ -83,7 +83,7 @@ class Generation:
         self.encoded_for: Any = None
         self.registered = False
         self._forge_unets = None  # Forge: (the pass's UNet, our patched clone of it)
-        self._pass_key = None  # the pass last set up: (sampler, hires)
+        self._pass_key = None  # the pass last set up: (its sampler, hires)
         # Concept maps: per batch, the recorders of its passes; None when the option is off.
         self.map_batches: Optional[List[List[ConceptMapRecorder]]] = [] if concept_maps else None
 
@@ -191,8 +191,8 @@ class Generation:
         if self.map_batches is None:
             return None
         p = self.p
-        key = (id(p.sampler), getattr(p, "is_hr_pass", False))
-        if key == self._pass_key:
+        key = (p.sampler, getattr(p, "is_hr_pass", False))  # the object: an id can be reused
+        if self._pass_key is not None and key[0] is self._pass_key[0] and key[1] == self._pass_key[1]:
             self.map_batches[-1].pop()  # the same pass set up again (Forge's hires pass)
         elif not key[1] or not self.map_batches:
             self.map_batches.append([])  # a new batch starts with its first pass

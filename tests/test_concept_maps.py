@@ -92,7 +92,8 @@ def test_maps_of_a_generation_and_free_when_off():
     p_on, on = h.generate(p_kwargs, args)
     assert torch.equal(off, on)  # recording never changes the image
     generation_off = p_off.latent_diffusion_guidance
-    assert generation_off.map_batches is None and generation_off.current.guidance.observer is None
+    assert generation_off.map_batches is None
+    assert generation_off.current.guidance.engine.observer is None
     batches = p_on.latent_diffusion_guidance.map_batches
     assert len(batches) == 2 and all(len(passes) == 1 for passes in batches)
     recorder = batches[0][0]
