@@ -62,6 +62,22 @@ def model_problem(model: Any) -> Optional[str]:
     return None
 
 
+def no_negative_problem(p: Any, host: str) -> Optional[str]:
+    """Forge computes no negative estimate at a CFG scale of 1 (processing.py L499-501), nor in
+    a hires pass at a Hires CFG Scale of 1 (L1586-1588): said before the first pass runs."""
+    if p.cfg_scale == 1:
+        return _no_negative(host, "CFG scale")
+    if getattr(p, "enable_hr", False) and getattr(p, "hr_cfg", None) == 1:
+        return _no_negative(host, "Hires CFG Scale")
+    return None
+
+
+def _no_negative(host: str, setting: str) -> str:
+    return (f"{host} computes no estimate of the negative prompt at a {setting} of 1 "
+            "(modules/processing.py), and concepts are directions from it: raise it above 1, "
+            "or turn guidance off")
+
+
 def sampler_names(p: Any) -> List[str]:
     names = [p.sampler_name]
     hr_name = getattr(p, "hr_sampler_name", None)
@@ -105,6 +121,8 @@ class Generation:
         for name in [] if problem else sampler_names(p):
             if name in REFUSED_SAMPLERS:
                 problem = f"the sampler {name!r} is not supported: {REFUSED_SAMPLERS[name]}"
+        if not problem and modules.forge is not None and not modules.forge.keep_cfg1_uncond:
+            problem = no_negative_problem(p, modules.forge.name)
         if problem:
             _refuse_sampling(p, GuidanceError(problem))
             return None
@@ -155,11 +173,8 @@ class Generation:
     def _new_pass(self, c: Any, uc: Any):
         p, sampler, forge = self.p, self.p.sampler, self.m.forge
         if forge is not None and uc is None:
-            raise GuidanceError(
-                f"{forge.name} computes no estimate of the negative prompt at a "
-                f"{'Hires CFG Scale' if getattr(p, 'is_hr_pass', False) else 'CFG scale'} of 1 "
-                "(modules/processing.py), and concepts are directions from it: raise it above 1, "
-                "or turn guidance off")
+            raise GuidanceError(_no_negative(
+                forge.name, "Hires CFG Scale" if getattr(p, "is_hr_pass", False) else "CFG scale"))
         if forge is None:
             for problem in two_row_controlnet_units(p):
                 raise GuidanceError(problem)

@@ -156,10 +156,16 @@ def test_sdxl_conditioning_and_v_prediction(monkeypatch):
     assert_guided_as_reference({"sampler_name": "DPM++ 2M", "steps": 6})
 
 
-def test_cfg_one_is_refused_before_sampling(forge):
+@pytest.mark.parametrize("p_extra, setting", [
+    ({"cfg_scale": 1.0}, "CFG scale"),
+    # The real Forge ran the whole first pass before refusing this one in the hires pass.
+    ({"enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 2, "denoising_strength": 0.5,
+      "hr_cfg": 1.0}, "Hires CFG Scale"),
+])
+def test_cfg_one_is_refused_before_sampling(forge, p_extra, setting):
     with pytest.raises(ValueError, match="Forge computes no estimate of the negative prompt at "
-                                         "a CFG scale of 1"):
-        guided({"sampler_name": "Euler", "steps": 4, "cfg_scale": 1.0})
+                                         f"a {setting} of 1"):
+        guided(dict({"sampler_name": "Euler", "steps": 4}, **p_extra))
     assert forge.model.calls == []
 
 
