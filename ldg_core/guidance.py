@@ -186,7 +186,8 @@ class SemanticGuidance:
         return edit
 
 
-def _check_step(step: int, current: Optional[int], end_step: Optional[int]) -> None:
+def _check_step(step: int, current: Optional[int], end_step: Optional[int],
+                engine: str = "SemanticGuidance") -> None:
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step must be an integer >= 0, got {step!r}")
     if end_step is not None and step >= end_step:
@@ -194,15 +195,16 @@ def _check_step(step: int, current: Optional[int], end_step: Optional[int]) -> N
     if current is not None and step < current:
         raise ValueError(
             f"step {step} came after step {current}: steps must not go back within one "
-            "sampling pass; use a new SemanticGuidance for each pass")
+            f"sampling pass; use a new {engine} for each pass")
 
 
-def _check_same_pass(uncond: torch.Tensor, momentum: torch.Tensor) -> None:
+def _check_same_pass(uncond: torch.Tensor, momentum: torch.Tensor,
+                     engine: str = "SemanticGuidance") -> None:
     if (uncond.shape, uncond.dtype, uncond.device) != (momentum.shape, momentum.dtype,
                                                          momentum.device):
         raise ValueError(
             f"uncond is {_describe_tensor(uncond)}, but this sampling pass started with "
-            f"{_describe_tensor(momentum)}: use a new SemanticGuidance for each pass")
+            f"{_describe_tensor(momentum)}: use a new {engine} for each pass")
 
 
 def _describe_tensor(t: torch.Tensor) -> str:

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 
 from .config import _as_float, _describe_short
-from .guidance import _check_like, _check_pair, _describe_tensor
+from .guidance import _check_like, _check_pair, _check_same_pass, _check_step
 from .safety_config import SafetyConfig
 
 
@@ -102,14 +102,8 @@ class SafetyGuidance:
         step (two model calls per sampler step) all start from the state as of the start of
         that step; the last one's values carry on to the next step.
         """
-        _check_step_index("step", step)
+        _check_step(step, self._step, self.end_step, engine="SafetyGuidance")
         step = int(step)
-        if self._step is not None and step < self._step:
-            raise ValueError(
-                f"step {step} came after step {self._step}: steps must not go back within one "
-                "sampling pass; use a new SafetyGuidance for each pass")
-        if self.end_step is not None and step >= self.end_step:
-            raise ValueError(f"step {step} is past the end of this pass (end_step {self.end_step})")
         scale = _cfg(guidance_scale)
         _check_pair(uncond, cond)
         needed = self.needed(step, scale)
@@ -126,11 +120,8 @@ class SafetyGuidance:
         self._pending = self._momentum
         if not needed:
             return torch.zeros_like(uncond)
-        if self._momentum is not None and (uncond.shape, uncond.dtype, uncond.device) != (
-                self._momentum.shape, self._momentum.dtype, self._momentum.device):
-            raise ValueError(
-                f"uncond is {_describe_tensor(uncond)}, but this sampling pass started with "
-                f"{_describe_tensor(self._momentum)}: use a new SafetyGuidance for each pass")
+        if self._momentum is not None:
+            _check_same_pass(uncond, self._momentum, engine="SafetyGuidance")
         term, self._pending = safety_term(self.config, uncond, cond, safety, self._momentum)
         if step < self.config.warmup:
             return torch.zeros_like(uncond)
