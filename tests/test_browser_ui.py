@@ -1,30 +1,43 @@
-"""The accordion in a real browser: the script's ui() in a gradio 3.41.2 page (the WebUI's
-version), driven by Playwright and Debian's chromium (tests/browser/drive_accordion.py).
+"""The accordion in a real browser, on both gradio versions the WebUIs use: the script's ui() in
+a gradio page, driven by Playwright and Debian's chromium (tests/browser/drive_accordion.py).
 
-gradio 3.41.2 serves pages only with the WebUI's own pins (fastapi 0.94, httpx 0.24), which do
-not fit this environment, so the page runs in an environment of its own, `.venv-ui`
-(tests/browser/requirements.txt; `.ci/run` makes it). Its python is taken from LDG_UI_PYTHON,
-else `.venv-ui/bin/python`. Missing, it is a failure, not a skip. Screenshots are kept in
-tests/artifacts/.
+- gradio 3.41.2 (A1111 1.10.1, reForge): environment `.venv-ui`
+  (tests/browser/requirements.txt), python from LDG_UI_PYTHON, else `.venv-ui/bin/python`;
+- gradio 4.40.0 (Forge, Forge Neo): environment `.venv-ui4`
+  (tests/browser/requirements-gradio4.txt), python from LDG_UI4_PYTHON, else
+  `.venv-ui4/bin/python`.
+
+Each gradio serves pages only with its own pins (fastapi, httpx, pydantic), which do not fit
+this environment, so each page runs in an environment of its own; `.ci/run` makes both. A
+missing one is a failure, not a skip. The same assertions hold for both. Screenshots are kept in
+tests/artifacts/, named accordion-gradio<major>-*.png.
 """
 import json
 import os
+import re
 import subprocess
 
+import pytest
+
 from ldg_core.presets import BUILTIN_PRESETS
+from ldg_core.script_args import settings_from_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.path.join(ROOT, "tests", "artifacts")
-UI_PYTHON = os.environ.get("LDG_UI_PYTHON", os.path.join(ROOT, ".venv-ui", "bin", "python"))
 SLOT = 8  # fields per slot: enabled, prompt, direction, scale, threshold, warmup, cooldown, weight
+PAGES = {  # id: (python variable, environment, requirements, gradio version)
+    "gradio3": ("LDG_UI_PYTHON", ".venv-ui", "requirements.txt", "3.41.2"),
+    "gradio4": ("LDG_UI4_PYTHON", ".venv-ui4", "requirements-gradio4.txt", "4.40.0"),
+}
 
 
-def run_driver():
-    assert os.path.exists(UI_PYTHON), (
-        f"no browser-test environment at {UI_PYTHON}: run .ci/run, or python3 -m venv .venv-ui "
-        "&& .venv-ui/bin/pip install -r tests/browser/requirements.txt (and apt-get install "
-        "chromium)")
-    done = subprocess.run([UI_PYTHON, os.path.join(ROOT, "tests", "browser", "drive_accordion.py"),
+def run_driver(variable, venv, requirements):
+    python = os.environ.get(variable, os.path.join(ROOT, venv, "bin", "python"))
+    assert os.path.exists(python), (
+        f"no browser-test environment at {python}: run .ci/run, or python3 -m venv {venv} && "
+        f"{venv}/bin/pip install -r tests/browser/{requirements} (and apt-get install "
+        f"chromium), or set {variable}")
+    done = subprocess.run([python, os.path.join(ROOT, "tests", "browser", "drive_accordion.py"),
                            ARTIFACTS], capture_output=True, text=True, timeout=300, cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("LDG-RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
@@ -37,8 +50,18 @@ def slot(values, n, field):
     return values[3 + (n - 1) * SLOT + fields.index(field)]
 
 
-def test_accordion_in_chromium():
-    seen = run_driver()
+def tooltips():
+    """The tooltips javascript/latent_diffusion_guidance.js gives, by class."""
+    with open(os.path.join(ROOT, "javascript", "latent_diffusion_guidance.js"),
+              encoding="utf-8") as file:
+        return dict(re.findall(r'^\s*"(ldg-[\w-]+)": "(.*)",?$', file.read(), re.MULTILINE))
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_accordion_in_chromium(page):
+    variable, venv, requirements, version = PAGES[page]
+    seen = run_driver(variable, venv, requirements)
+    assert seen["gradio"] == version
     assert seen["argument_count"] == 3 + 10 * SLOT + 1
     assert seen["closed_by_default"] is True
     assert seen["slots_visible"] == [True] * 3 + [False] * 7  # the Settings count, 3
@@ -50,7 +73,16 @@ def test_accordion_in_chromium():
     assert slot(filled, 1, "direction") == "remove"
     assert slot(filled, 1, "scale") == 7.5
     assert filled[-1] is True  # "Show where each concept acted"
-    assert seen["tooltip_scale"] == "How hard the concept pushes."
+    settings = settings_from_args(filled, BUILTIN_PRESETS)  # what process() makes of them
+    assert [(c.prompt, c.reverse, c.scale) for c in settings.config.concepts] == [
+        ("glasses, round, (gold:1.2)", True, 7.5)]
+    assert settings.concept_maps is True
+
+    expected = tooltips()
+    assert len(expected) == 14 and expected["ldg-scale"] == "How hard the concept pushes."
+    for name, text in expected.items():  # every control of that kind carries it, and only it
+        assert seen["tooltips"].get(name) == [text], name
+    assert seen["scrolling_sideways"] == []  # nothing in a slot clipped behind a scrollbar
 
     picked = seen["after_preset"]
     preset = BUILTIN_PRESETS["Quality and art direction"].config
@@ -61,5 +93,11 @@ def test_accordion_in_chromium():
         assert slot(picked, n, "warmup") == concept.warmup
     assert slot(picked, 3, "prompt") == ""  # the preset's slots replace the typed concept
     assert picked[0] is True  # picking a preset leaves Enable as it was
-    for name in ("accordion-filled.png", "accordion-light.png", "accordion-dark.png"):
+    assert settings_from_args(picked, BUILTIN_PRESETS).config == preset
+    assert seen["save_status"] == "Saved 'browser test'."
+    assert seen["preset_after_save"] == "browser test"
+
+    assert seen["screenshots"] == [f"accordion-{page}-{name}.png"
+                                   for name in ("filled", "light", "dark")]
+    for name in seen["screenshots"]:
         assert os.path.getsize(os.path.join(ARTIFACTS, name)) > 10_000
