@@ -16,20 +16,24 @@ function, which
      of one slot would be averaged (L276-288);
   3. adds the edit to the CFG result.
 reForge (ldm_patched/modules/samplers.py, 3b56b268) has the same post-CFG chain (L396-399) and
-ComfyUI's calc_cond_batch (L206-355), which returns one output per list: there the concepts go
-in a list of their own in the negative's position. Nothing of either host is imported here:
-what is needed comes in as `ForgeFunctions`.
+ComfyUI's calc_cond_batch (L206-355), which evaluates any number of conditioning lists, one
+output each, batching whatever can share a UNet call. There the concepts join the prompt's and
+the negative's call, each a list of its own, through the sampler_calc_cond_batch_function slot
+(L419-424), as rows join A1111's call; the post-CFG function then only adds the edit. Where
+that cannot be done (see `join_problem`), it evaluates them in a call of their own, as on Forge.
+Nothing of either host is imported here: what is needed comes in as `ForgeFunctions`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
-from .failures import StopSampling, sampling_failure
+from .failures import StopSampling, is_out_of_memory, sampling_failure
 from .passes import GuidancePass, row_chunks
 
 
@@ -47,6 +51,31 @@ class ForgeFunctions:
     # reForge drops the negative at a CFG scale of 1 unless told not to; Forge has none to keep
     # there (processing.py L499-501), so the pass is refused instead.
     keep_cfg1_uncond: bool = False
+    # (model, lists of entries, x, sigma, model_options) -> one x0 per list: reForge's
+    # calc_cond_batch. None on Forge, whose calc_cond_uncond_batch has two slots only.
+    evaluate_lists: Optional[Callable[..., List[torch.Tensor]]] = None
+
+
+# reForge's hook that evaluates the prompt and negative lists (samplers.py L419-422); one slot.
+CALC_COND_BATCH = "sampler_calc_cond_batch_function"
+
+
+def join_problem(model_options: dict, max_rows: int) -> Optional[str]:
+    """Why concepts cannot join reForge's own model call in this pass; None when they can."""
+    if model_options.get(CALC_COND_BATCH) is not None:
+        return "another extension evaluates reForge's conditioning (sampler_calc_cond_batch_function)"
+    if max_rows:  # calc_cond_batch sizes its calls by free memory, not by our setting
+        return "'Max rows per UNet call' is set"
+    return None
+
+
+def rows_read_by_position(model_options: dict) -> bool:
+    """Attention replacements (IP-Adapter and others) pick each chunk's tensors by its list
+    index as (cond, uncond)[i] (extensions-builtin/sd_forge_ipadapter/lib_ipadapter/
+    IPAdapterPlus.py L478-484, CrossAttentionPatch.py L179-184): a concept's index, 2 and up,
+    would be misread. In a call of their own the concepts sit in the negative's place."""
+    replaced = model_options.get("transformer_options", {}).get("patches_replace", {})
+    return any(replaced.get(kind) for kind in ("attn1", "attn2"))
 
 
 def text_rows(cond: Any) -> torch.Tensor:
@@ -54,49 +83,102 @@ def text_rows(cond: Any) -> torch.Tensor:
 
 
 class ForgePass:
-    """Guidance for one sampling pass in Forge; `post_cfg(args)` is Forge's post-CFG call."""
+    """Guidance for one sampling pass in Forge; `post_cfg(args)` is Forge's post-CFG call, and
+    on reForge `calc_cond_batch(args)` its conditioning hook."""
 
     def __init__(self, guidance: GuidancePass, *, denoiser: Any, concept_conds: Callable[[int], List[Any]],
                  forge: ForgeFunctions, skips_uncond: Callable[[Any, torch.Tensor], bool],
-                 max_rows: int = 0):
+                 max_rows: int = 0, on_separate_call: Callable[[str], None] = lambda why: None):
         """`denoiser`: the pass's CFG denoiser (its `step` counts the calls of the pass).
         `concept_conds(call)`: every concept's one-row conditioning at that call (schedules
-        follow the prompt's clock). `max_rows`: rows per model call of ours, 0 = no limit; a
-        call holds whole concepts (batch size rows each), since Forge matches per-image
-        conditioning (image conditioning, ControlNet hints) to rows by repeating it."""
+        follow the prompt's clock). `skips_uncond(denoiser, sigma)`: lllyasviel Forge's CFG
+        skips the negative at this call (it does not say so in the post-CFG arguments). `max_rows`: rows per model call of ours, 0 = no
+        limit; a call holds whole concepts (batch size rows each), since Forge matches
+        per-image conditioning (image conditioning, ControlNet hints) to rows by repeating it.
+        `on_separate_call(why)`: told when concepts that could join the host's call cannot."""
         self.guidance = guidance
         self.denoiser = denoiser
         self.concept_conds = concept_conds
         self.forge = forge
         self.skips_uncond = skips_uncond
         self.max_rows = max(int(max_rows), 0)
+        self.on_separate_call = on_separate_call
+        self._joined = None  # (call, [K, B, C, H, W]) from the host's own call, reForge
 
     def webui_call_failure(self, error: BaseException) -> None:
-        return None  # concepts never share Forge's own model call: its failures stay Forge's
+        return None  # failures in a call of the host's stay the host's, as messages go
+
+    def calc_cond_batch(self, args: dict) -> List[torch.Tensor]:
+        """reForge's conditioning hook: the prompt and negative lists, and one list per needed
+        concept, in one calc_cond_batch; the concepts' outputs wait for the post-CFG call."""
+        conds, options = args["conds"], args["model_options"]
+        call, self._joined = self.denoiser.step, None
+        step = self.guidance.clock.index(call)
+        needed = self.guidance.needed(step) if conds[1] is not None else ()
+        if needed and rows_read_by_position(options):
+            self.on_separate_call("an attention patch (IP-Adapter, ...) reads the model "
+                                  "call's rows by their position")
+            needed = ()  # the post-CFG function evaluates them in a call of their own
+        if not needed:
+            return self.forge.evaluate_lists(args["model"], conds, args["input"], args["sigma"],
+                                             options)
+        x = args["input"]
+        lists = [[self._entry(conds[1][0], [cond], x.shape[0])] for cond in self._conds(needed, call)]
+        try:
+            out = self.forge.evaluate_lists(args["model"], list(conds) + lists, x, args["sigma"],
+                                            options)
+        except Exception as error:  # the host's call: only running out of memory is ours to say
+            if not is_out_of_memory(error):
+                raise
+            raise StopSampling(sampling_failure(
+                error, step=step, rows=len(needed) * x.shape[0],
+                what="evaluating the concepts with the prompt")) from error
+        self._joined = (call, torch.stack(out[2:]))
+        return out[:2]
 
     def post_cfg(self, args: dict) -> torch.Tensor:
         call = self.denoiser.step
         step = self.guidance.clock.index(call)
         x, sigma = args["input"], args["sigma"]
-        if args["uncond"] is None:  # refused before sampling; never an unguided image
-            raise StopSampling(f"{self.forge.name} gave no negative-prompt estimate at step "
-                               f"{step}, and concepts are directions from it")
-        if self.skips_uncond(self.denoiser, sigma):
-            return args["denoised"]  # the WebUI's CFG skips the negative here: no direction
+        if self._negative_skipped(args):
+            return args["denoised"]  # the host's CFG has no direction here
         needed = self.guidance.needed(step)
-        with _stop_on_error(step, len(needed) * x.shape[0]):
-            concepts = self._evaluate(args, needed, call) if needed else None
+        joined, self._joined = self._joined, None
+        with _stop_on_error(step, len(needed) * x.shape[0],
+                            "evaluating the concepts in a model call of their own"):
+            if not needed:
+                concepts = None
+            elif joined is not None and joined[0] == call:
+                concepts = joined[1]
+            else:
+                concepts = self._evaluate(args, needed, call)
             edit = self.guidance.edit(step, x=x, sigma=sigma, uncond=args["uncond_denoised"],
                                       cond=args["cond_denoised"], concepts=concepts)
             if getattr(self.denoiser, "mask", None) is not None:
                 edit = edit * self.denoiser.nmask  # inpainting: the preserved area is left alone
             return args["denoised"] + edit
 
+    def _negative_skipped(self, args: dict) -> bool:
+        """Whether the host's CFG skips the negative at this call (NGMS, skip early CFG)."""
+        if args["uncond"] is None:  # reForge hands over none then (its CFG denoiser L241-243)
+            return True
+        if self.forge.keep_cfg1_uncond:  # reForge: a negative it kept is a CFG of its scale
+            return False
+        if "cond_scale" in args:
+            # Forge Neo says the scale, and its denoiser skips by setting it to 1
+            # (sd_samplers_cfg_denoiser.py L142-148); a CFG scale of 1 is refused before
+            # sampling, so 1 here is a skip.
+            return math.isclose(args["cond_scale"], 1.0)
+        return self.skips_uncond(self.denoiser, args["sigma"])  # Forge's rule, A1111's
+
+    def _conds(self, needed: Sequence[int], call: int) -> List[Any]:
+        conds = self.concept_conds(call)
+        return [conds[index] for index in needed]
+
     def _evaluate(self, args: dict, needed: Sequence[int], call: int) -> torch.Tensor:
         """[K, B, C, H, W] x0 of the needed concepts: calls of whole concepts, at most
         max_rows // B of them (at least one), never mixing token lengths."""
-        conds = self.concept_conds(call)
-        conds = [conds[index] for index in needed]
+        conds = self._conds(needed, call)
         images = args["input"].shape[0]
         per_call = max(self.max_rows // images, 1) if self.max_rows else 0
         lengths = [text_rows(cond).shape[-2] for cond in conds]
@@ -106,9 +188,16 @@ class ForgePass:
     def _call(self, args: dict, conds: Sequence[Any]) -> torch.Tensor:
         """One model call: each of `conds` for every image, with the negative entry's inputs."""
         x, sigma = args["input"], args["sigma"]
-        images = x.shape[0]
+        entry = self._entry(args["uncond"][0], conds, x.shape[0])
+        repeats = len(conds)
+        return self.forge.evaluate_negative(args["model"], entry, x.repeat(repeats, 1, 1, 1),
+                                            sigma.repeat(repeats), args["model_options"])
+
+    def _entry(self, negative: dict, conds: Sequence[Any], images: int) -> dict:
+        """The negative's compiled entry (Forge compiles one: condition.py L122-142; reForge
+        forge_sampler.py L8-30) with `conds` stacked for every image in place of its text."""
         text = torch.cat([text_rows(c).expand(images, *text_rows(c).shape[1:]) for c in conds])
-        entry = dict(args["uncond"][0])  # Forge compiles one negative entry (condition.py L122-142)
+        entry = dict(negative)
         model_conds = dict(entry["model_conds"])
         entry["cross_attn"] = text
         model_conds["c_crossattn"] = self.forge.cross_attn(text)
@@ -117,9 +206,7 @@ class ForgePass:
             entry["pooled_output"] = vector
             model_conds["y"] = self.forge.condition(vector)
         entry["model_conds"] = model_conds
-        repeats = len(conds)
-        return self.forge.evaluate_negative(args["model"], entry, x.repeat(repeats, 1, 1, 1),
-                                            sigma.repeat(repeats), args["model_options"])
+        return entry
 
 
 def post_cfg_function(forge_pass: ForgePass) -> Callable[[dict], torch.Tensor]:
@@ -130,11 +217,16 @@ def post_cfg_function(forge_pass: ForgePass) -> Callable[[dict], torch.Tensor]:
     return post_cfg
 
 
+def calc_cond_batch_function(forge_pass: ForgePass) -> Callable[[dict], List[torch.Tensor]]:
+    """reForge's conditioning hook, a plain function for the same reason."""
+    def calc_cond_batch(args):
+        return forge_pass.calc_cond_batch(args)
+    return calc_cond_batch
+
+
 @contextlib.contextmanager
-def _stop_on_error(step: int, rows: int):
+def _stop_on_error(step: int, rows: int, what: str):
     try:
         yield
     except Exception as error:
-        raise StopSampling(sampling_failure(
-            error, step=step, rows=rows,
-            what="evaluating the concepts in a model call of their own")) from error
+        raise StopSampling(sampling_failure(error, step=step, rows=rows, what=what)) from error

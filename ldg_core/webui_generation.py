@@ -17,7 +17,8 @@ from .config import GuidanceConfig
 from .failures import GuidanceError, StopSampling, sampling_failure
 from .text_form import to_text
 from .ui_args import MAX_ROWS_OPTION
-from .forge import ForgeFunctions, ForgePass, post_cfg_function
+from .forge import (ForgeFunctions, ForgePass, calc_cond_batch_function, join_problem,
+                    post_cfg_function)
 from .passes import GuidancePass
 from .webui_adapter import PassGuidance, WebUIFunctions, token_count
 
@@ -62,18 +63,25 @@ def model_problem(model: Any) -> Optional[str]:
     return None
 
 
-def no_negative_problem(p: Any, host: str) -> Optional[str]:
-    """Forge computes no negative estimate at a CFG scale of 1 (processing.py L499-501), nor in
-    a hires pass at a Hires CFG Scale of 1 (L1586-1588): said before the first pass runs."""
+def no_negative_problem(p: Any, forge: ForgeFunctions) -> Optional[str]:
+    """Passes without a negative estimate, said before the first pass runs. Forge computes
+    none at a CFG scale of 1 (processing.py L499-501), nor in a hires pass at a Hires CFG
+    Scale of 1 (L1586-1588). reForge keeps it at 1 when told to, but drops the hires pass's
+    negative at a Hires CFG Scale below 0, or of 0 with a CFG scale of 0 (L1640-1643)."""
+    hires_cfg = getattr(p, "hr_cfg", None) if getattr(p, "enable_hr", False) else None
+    if forge.keep_cfg1_uncond:
+        if hires_cfg is not None and (hires_cfg < 0 or hires_cfg == 0 == p.cfg_scale):
+            return _no_negative(forge.name, "Hires CFG Scale", f"{hires_cfg:g}")
+        return None
     if p.cfg_scale == 1:
-        return _no_negative(host, "CFG scale")
-    if getattr(p, "enable_hr", False) and getattr(p, "hr_cfg", None) == 1:
-        return _no_negative(host, "Hires CFG Scale")
+        return _no_negative(forge.name, "CFG scale")
+    if hires_cfg == 1:
+        return _no_negative(forge.name, "Hires CFG Scale")
     return None
 
 
-def _no_negative(host: str, setting: str) -> str:
-    return (f"{host} computes no estimate of the negative prompt at a {setting} of 1 "
+def _no_negative(host: str, setting: str, value: str = "1") -> str:
+    return (f"{host} computes no estimate of the negative prompt at a {setting} of {value} "
             "(modules/processing.py), and concepts are directions from it: raise it above 1, "
             "or turn guidance off")
 
@@ -121,8 +129,8 @@ class Generation:
         for name in [] if problem else sampler_names(p):
             if name in REFUSED_SAMPLERS:
                 problem = f"the sampler {name!r} is not supported: {REFUSED_SAMPLERS[name]}"
-        if not problem and modules.forge is not None and not modules.forge.keep_cfg1_uncond:
-            problem = no_negative_problem(p, modules.forge.name)
+        if not problem and modules.forge is not None:
+            problem = no_negative_problem(p, modules.forge)
         if problem:
             _refuse_sampling(p, GuidanceError(problem))
             return None
@@ -193,7 +201,8 @@ class Generation:
                              concept_conds=lambda call: [
                                  self.m.prompt_parser.reconstruct_cond_batch([schedule], call)
                                  for schedule in conds],
-                             skips_uncond=self._skips_uncond, max_rows=self._row_limit())
+                             skips_uncond=self._skips_uncond, max_rows=self._row_limit(),
+                             on_separate_call=self._say_separate_call)
         repeats = [len(rows) for rows in c.batch]
         return PassGuidance(
             guidance, owner=p, concept_schedules=conds,
@@ -283,6 +292,13 @@ class Generation:
         self.encoded_for = _model_key(m.shared.sd_model)
         return p.get_conds_with_caching(m.prompt_parser.get_learned_conditioning, texts, steps,
                                         [self.cache], p.extra_network_data, hires_steps)
+
+    def _say_separate_call(self, why: str) -> None:
+        """On reForge: concepts cannot join its model call. Said once per generation."""
+        if SEPARATE_CALL_KEY not in self.p.extra_generation_params:
+            log.warning("Latent Diffusion Guidance evaluates concepts in a separate model "
+                        "call: %s.", why)
+        self.p.extra_generation_params[SEPARATE_CALL_KEY] = "separate call"
 
     def _separate_call_needed(self, c: Any, conds: list) -> bool:
         """Whether concept rows must be evaluated in a call of their own rather than join the
@@ -374,6 +390,13 @@ class Generation:
             patched.set_model_sampler_post_cfg_function(
                 post_cfg_function(self.current),
                 disable_cfg1_optimization=self.m.forge.keep_cfg1_uncond)
+            if self.m.forge.evaluate_lists is not None:  # reForge: join its model call
+                problem = join_problem(patched.model_options, self.current.max_rows)
+                if problem:
+                    self._say_separate_call(problem)
+                else:
+                    patched.set_model_sampler_calc_cond_batch_function(
+                        calc_cond_batch_function(self.current))
             self.p.sd_model.forge_objects.unet = patched
             self._forge_unets = (unet, patched)
             return

@@ -13,7 +13,7 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from ldg_core import MAX_CONCEPTS
-from ldg_core.hosts import detect_host, describe_host
+from ldg_core.hosts import NAMES as HOST_NAMES, detect_host, describe_host
 from ldg_core.paste import paste_from_params
 from ldg_core.presets import all_presets, find_preset, save_user_preset, user_presets_path
 from ldg_core.script_args import GLOBAL_OVERRIDES, settings_from_args
@@ -222,17 +222,18 @@ def webui_modules():
 def forge_functions():
     """How concepts are evaluated where the model runs in the host's own sampling code."""
     from ldg_core.forge import ForgeFunctions
-    if HOST == "forge":
+    if HOST in ("forge", "neo"):
         from backend.sampling import condition, sampling_function
         return ForgeFunctions(
-            "Forge", lambda model, entry, x, sigma, options: sampling_function.
+            HOST_NAMES[HOST], lambda model, entry, x, sigma, options: sampling_function.
             calc_cond_uncond_batch(model, [], [entry], x, sigma, options)[1],
             cross_attn=condition.ConditionCrossAttn, condition=condition.Condition)
     from ldm_patched.modules import conds, samplers
     return ForgeFunctions(
         "reForge", lambda model, entry, x, sigma, options: samplers.calc_cond_batch(
             model, [None, [entry]], x, sigma, options)[1],
-        cross_attn=conds.CONDCrossAttn, condition=conds.CONDRegular, keep_cfg1_uncond=True)
+        cross_attn=conds.CONDCrossAttn, condition=conds.CONDRegular, keep_cfg1_uncond=True,
+        evaluate_lists=samplers.calc_cond_batch)
 
 
 def add_concept_maps(p, processed, generation):
