@@ -12,11 +12,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+_VARYING_CALLS = "its number of model calls per step changes during the run"
 # Samplers whose model calls cannot be placed on the step schedule the user set.
 REFUSED_SAMPLERS = {
     "DPM fast": "it picks its own evaluation points instead of the step schedule",
     "DPM adaptive": "it picks its own evaluation points instead of the step schedule",
     "Restart": "it jumps back to higher noise levels, so steps repeat out of order",
+    # Forge's and Forge Neo's own: their calls per step change within a run, with nothing that
+    # tells the counter (Forge k_diffusion/sampling.py sample_heunpp2: 3, then 2, then 1;
+    # Neo's Kohaku LoNyu Yog 3 in the first half, then 1; DPM++ 2s a RF and DPM++ SDE CFG++ 2,
+    # then 1 at the end).
+    "HeunPP2": _VARYING_CALLS,
+    "Kohaku LoNyu Yog": _VARYING_CALLS,
+    "DPM++ 2s a RF": _VARYING_CALLS,
+    "Flux Realistic": _VARYING_CALLS,  # Neo's other name for DPM++ 2s a RF
+    "DPM++ SDE CFG++": _VARYING_CALLS,
 }
 # Timestep samplers whose first step makes an extra model call (PLMS's pseudo improved Euler,
 # sd_samplers_timesteps_impl.py L116-120).

@@ -85,6 +85,9 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
     return slot(cond), slot(uncond)
 
 
+NEO = {"on": False}  # Forge Neo's differences, when on (Neo v3.5, files cited where used)
+
+
 def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options):
     edit_strength = sum(item.get("strength", 1) for item in cond)
     skip = math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
@@ -95,9 +98,12 @@ def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_
     else:
         cfg_result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
     for fn in model_options.get("sampler_post_cfg_function", []):
-        cfg_result = fn({"denoised": cfg_result, "cond": cond, "uncond": uncond, "model": model,
-                         "uncond_denoised": uncond_pred, "cond_denoised": cond_pred,
-                         "sigma": timestep, "model_options": model_options, "input": x})
+        args = {"denoised": cfg_result, "cond": cond, "uncond": uncond, "model": model,
+                "uncond_denoised": uncond_pred, "cond_denoised": cond_pred,
+                "sigma": timestep, "model_options": model_options, "input": x}
+        if NEO["on"]:  # Neo's post-CFG arguments also carry the scale (L316-318)
+            args["cond_scale"] = cond_scale
+        cfg_result = fn(args)
     return cfg_result
 
 
@@ -146,7 +152,10 @@ def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
     params = CFGDenoiserParams(x, image_cond, sigma, state.sampling_step, state.sampling_steps,
                                tensor, uncond, self)
     script_callbacks.cfg_denoiser_callback(params)
-    if shared.opts.skip_early_cond != 0 and self.step / self.total_steps <= shared.opts.skip_early_cond:
+    early = shared.opts.skip_early_cond
+    if NEO["on"] and 0 < self.step / self.total_steps <= early:  # Neo L142: never call 0
+        cond_scale = 1.0
+    elif not NEO["on"] and early != 0 and self.step / self.total_steps <= early:
         cond_scale = 1.0
     elif (self.step % 2 or shared.opts.s_min_uncond_all) and s_min_uncond > 0 and sigma[0] < s_min_uncond:
         cond_scale = 1.0

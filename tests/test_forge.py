@@ -2,6 +2,7 @@
 samplers: disabled is bit-identical, enabled matches an independent reference that evaluates
 each concept in a model call of its own and applies SemanticGuidance directly."""
 import functools
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -188,3 +189,43 @@ def test_a_failure_in_the_concept_call_stops_the_generation_once(forge, monkeypa
         guided({"sampler_name": "Euler", "steps": 4})
     assert "sampler_post_cfg_function" not in shared.sd_model.forge_objects.unet.model_options
 
+
+
+@pytest.mark.parametrize("neo", [False, True])
+def test_guidance_leaves_the_steps_where_forge_skips_the_negative(neo, monkeypatch, forge):
+    # Forge skips by the A1111 rule, which includes call 0; Forge Neo never skips call 0
+    # (sd_samplers_cfg_denoiser.py L142) and says the scale in the post-CFG arguments.
+    monkeypatch.setitem(forge_double.NEO, "on", neo)
+    shared.opts.skip_early_cond = 0.25
+    seen = []
+    original = forge_double.calc_cond_uncond_batch
+
+    def spy(model, cond, uncond, *args):
+        seen.append((bool(cond), uncond is not None))
+        return original(model, cond, uncond, *args)
+    monkeypatch.setattr(forge_double, "calc_cond_uncond_batch", spy)
+    monkeypatch.setattr(h.SCRIPT_MODULE, "forge_functions", lambda: forge_functions(spy))
+    concepts = [dict(CONCEPTS[0], warmup=0)]
+    _, ours = guided({"sampler_name": "Euler", "steps": 8}, concepts)
+    # Forge's own calls have the prompt (and the negative unless skipped); ours have no prompt.
+    guided_calls = [call for call in seen if not call[0]]
+    skipped = [0, 1, 2] if not neo else [1, 2]  # calls with step / 8 <= 0.25
+    assert len(guided_calls) == 8 - len(skipped)
+    own = [entry for entry in seen if entry[0]]
+    assert [not has_uncond for _, has_uncond in own] == [i in skipped for i in range(8)]
+    unguided = h.generate({"sampler_name": "Euler", "steps": 8})[1]
+    assert (ours - unguided).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["HeunPP2", "Kohaku LoNyu Yog", "DPM++ 2s a RF"])
+def test_samplers_with_changing_calls_per_step_are_refused_before_sampling(sampler, forge,
+                                                                          monkeypatch):
+    # Forge's HeunPP2 makes 3 calls per step, then 2, then 1 (k_diffusion/sampling.py
+    # sample_heunpp2); Neo's Kohaku LoNyu Yog and DPM++ 2s a RF change theirs too. The double
+    # has none of them: an entry of that name (its calls never come) stands in.
+    from modules import sd_samplers
+    monkeypatch.setitem(sd_samplers.all_samplers_map, sampler, sd_samplers.all_samplers_map["Euler"])
+    with pytest.raises(ValueError, match=f"the sampler '{re.escape(sampler)}' is not supported: its number "
+                                         "of model calls per step changes during the run"):
+        guided({"sampler_name": sampler, "steps": 4})
+    assert forge.model.calls == []
