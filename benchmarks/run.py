@@ -760,6 +760,34 @@ def table_reference(setup: Setup) -> Table:
 
 # -- profile ---------------------------------------------------------------------------------
 
+# -- table 7: Forge's separate call vs batched rows ---------------------------------------
+
+def table_host_calls(setup: Setup) -> Table:
+    """What a step of UNet work costs on each host, on the same UNet: A1111 and reForge put
+    the concepts' rows in the host's own model call (2B + KB rows), lllyasviel's Forge and
+    Forge Neo evaluate them in a call of their own after it (2B, then KB rows; the call
+    patterns are pinned in tests/test_forge.py and tests/test_reforge.py)."""
+    table = Table("7. Forge's separate concept call vs the batched rows of A1111 and reForge",
+                  ["B", "concepts", "A1111 / reForge: rows per call", "Forge: rows per call",
+                   "Forge time / batched (median, min-max)", "batched ms", "Forge ms"])
+    for b in setup.batches:
+        for n in setup.concept_counts:
+            batched = ideal_forward(setup, (2 + n) * b)
+            prompt, concepts_alone = ideal_forward(setup, 2 * b), ideal_forward(setup, n * b)
+
+            def separate():
+                prompt()
+                return concepts_alone()
+            times = interleaved({"batched": batched, "separate": separate}, setup.repeats,
+                                setup.device)
+            table.rows.append([b, n, (2 + n) * b, f"{2 * b} + {n * b}",
+                               ratio(times["separate"], times["batched"]),
+                               ms(times["batched"]), ms(times["separate"])])
+    table.notes.append("Same rows, same UNet, timed side by side: the difference is only the "
+                       "second call (its launch, and a batch the hardware fills less well).")
+    return table
+
+
 def profile(setup: Setup, top: int = 14) -> str:
     """cProfile of one guided generation (N = 2, B = 1, `setup.steps` Euler steps): the top
     entries by cumulative time, then the extension's own functions."""
@@ -831,7 +859,8 @@ def main(argv=None) -> int:
     collected: dict = {}
     builders = [(1, lambda: table_overhead(setup, collected)), (2, lambda: table_rows_saved(setup)),
                 (3, lambda: table_math_share(setup, collected)), (4, lambda: table_disabled(setup)),
-                (5, lambda: table_memory(setup)), (6, lambda: table_reference(setup))]
+                (5, lambda: table_memory(setup)), (6, lambda: table_reference(setup)),
+                (7, lambda: table_host_calls(setup))]
     sections = []
     for number, build in builders:
         if only and number not in only:

@@ -20,8 +20,8 @@ denoiser. Our own code, following these places of Forge's source:
   before each pass's process_before_every_sampling, which runs twice before the hires pass,
   the first time before the reset; at CFG 1 the negative is None.
 The model is the test double's TinySD behind k-diffusion's x0 wrapper, as Forge's KModel
-returns x0 (backend/modules/k_model.py L46). Only k-diffusion samplers are driven here (Forge
-converts the timestep samplers' inputs to k-diffusion space first, L163-169, L224-226).
+returns x0 (backend/modules/k_model.py L46). Timestep samplers' inputs are turned into
+k-diffusion's space first and their eps computed from the x0 after (L163-169, L224-226).
 """
 import copy
 import math
@@ -66,6 +66,19 @@ def compile_conditions(cond, strength=None):
     if strength is not None:
         entry["strength"] = strength
     return [entry]
+
+
+def compile_weighted_conditions(cond, weights):
+    """condition.py L122-142: one entry per sub-prompt position, its rows across the images,
+    the weight as its strength (images share their AND structure)."""
+    entries = []
+    for position in map(list, zip(*weights)):
+        rows = [index for index, _ in position]
+        feed = ({k: v[rows] for k, v in cond.items()} if isinstance(cond, dict) else cond[rows])
+        entry = compile_conditions(feed)[0]
+        entry["strength"] = position[-1][1]
+        entries.append(entry)
+    return entries
 
 
 def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
@@ -141,12 +154,20 @@ class ForgeObjects:
 
 
 def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
-    """Forge's CFGDenoiser.forward for k-diffusion samplers (single prompts and AND prompts of
-    one sub-prompt per image)."""
+    """Forge's CFGDenoiser.forward (L156-226), for every sampler and AND prompts."""
+    from modules import sd_samplers_timesteps
     state = shared.state
     if state.interrupted or state.skipped:
         from modules.sd_samplers_common import InterruptedException
         raise InterruptedException
+    # Timestep samplers (DDIM, PLMS, UniPC) hand over timesteps and take eps back: Forge turns
+    # both into k-diffusion's sigma space around the call (sd_samplers_timesteps.py L41,
+    # sd_samplers_cfg_denoiser.py L163-169, L224-226).
+    timesteps = isinstance(self, sd_samplers_timesteps.CFGDenoiserTimesteps)
+    if timesteps:
+        alphas = shared.sd_model.alphas_cumprod
+        sigma = (((1 - alphas) / alphas) ** 0.5)[sigma.round().long().clip(0, alphas.shape[0])]
+        x = x * ((sigma ** 2 + 1) ** 0.5)[:, None, None, None]
     conds_list, tensor = prompt_parser.reconstruct_multicond_batch(cond, self.step)
     uncond = prompt_parser.reconstruct_cond_batch(uncond, self.step) if uncond is not None else None
     params = CFGDenoiserParams(x, image_cond, sigma, state.sampling_step, state.sampling_steps,
@@ -161,10 +182,13 @@ def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         cond_scale = 1.0
     unet = self.p.sd_model.forge_objects.unet
     denoised = sampling_function_inner(unet.model, x, sigma, compile_conditions(uncond),
-                                       compile_conditions(tensor), cond_scale, unet.model_options)
+                                       compile_weighted_conditions(tensor, conds_list),
+                                       cond_scale, unet.model_options)
     if self.mask is not None:
         denoised = denoised * self.nmask + self.init_latent * self.mask
     self.step += 1
+    if timesteps:
+        return (x - denoised) / sigma[:, None, None, None]
     return denoised
 
 

@@ -18,7 +18,8 @@ from tests.webui_reference import ReferenceGuidance
 from ldg_core.forge import ForgeFunctions
 from modules import script_callbacks, shared
 
-SAMPLERS = ["Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ SDE", "DPM2", "LMS", "LCM"]
+SAMPLERS = ["Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ SDE", "DPM2", "LMS", "LCM",
+            "DDIM", "PLMS", "UniPC"]
 
 
 def forge_functions(calc_cond_uncond_batch=forge_double.calc_cond_uncond_batch):
@@ -229,3 +230,14 @@ def test_samplers_with_changing_calls_per_step_are_refused_before_sampling(sampl
                                          "of model calls per step changes during the run"):
         guided({"sampler_name": sampler, "steps": 4})
     assert forge.model.calls == []
+
+
+def test_and_prompts_are_weighted_entries_of_the_prompt_slot(forge):
+    # Forge compiles one entry per sub-prompt with its weight as strength (condition.py
+    # L122-142) and averages them; concepts stay directions from the negative.
+    p_kwargs = {"sampler_name": "DPM++ 2M", "steps": 6, "batch_size": 2,
+                "prompt": "a cat AND a dog :0.5"}
+    assert_guided_as_reference(p_kwargs)
+    forge.model.calls.clear()
+    guided(p_kwargs)
+    assert forge.model.calls == [2, 2, 2, 4] * 6  # two prompt entries, the negative, concepts
