@@ -149,13 +149,18 @@ def test_inpainting_leaves_the_preserved_area_alone():
     assert_guided_as_reference(p_kwargs)
 
 
-def test_sdxl_conditioning_and_v_prediction(monkeypatch):
+def check_sdxl_and_v_prediction(monkeypatch, double, assert_guided):
+    """On a fresh SDXL-like and a v-prediction model, installed in `double` (also reForge's)."""
     shared.sd_model = TinySD(sdxl=True)
-    forge_double.install(monkeypatch, shared.sd_model)
-    assert_guided_as_reference({"sampler_name": "Euler", "steps": 6})
+    double.install(monkeypatch, shared.sd_model)
+    assert_guided({"sampler_name": "Euler", "steps": 6})
     shared.sd_model = TinySD(v_prediction=True)
-    forge_double.install(monkeypatch, shared.sd_model)
-    assert_guided_as_reference({"sampler_name": "DPM++ 2M", "steps": 6})
+    double.install(monkeypatch, shared.sd_model)
+    assert_guided({"sampler_name": "DPM++ 2M", "steps": 6})
+
+
+def test_sdxl_conditioning_and_v_prediction(monkeypatch):
+    check_sdxl_and_v_prediction(monkeypatch, forge_double, assert_guided_as_reference)
 
 
 @pytest.mark.parametrize("p_extra, setting", [

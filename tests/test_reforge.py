@@ -11,10 +11,9 @@ import torch
 from tests import webui_harness as h  # first: it puts the WebUI double on sys.path
 from tests import reforge_double
 from tests import test_webui_paths as paths
-from tests.test_forge import ForgeReference
+from tests.test_forge import ForgeReference, check_sdxl_and_v_prediction
 from tests.test_webui_paths import CONCEPTS, LONG_CONCEPT, guided
 from tests.webui_harness import webui_state  # noqa: F401 (autouse: a fresh double per test)
-from tests.webui_double.model import TinySD
 from ldg_core.forge import ForgeFunctions
 from modules import shared
 
@@ -173,12 +172,7 @@ def test_batch_img2img_hires_inpainting_and_long_concepts():
 
 
 def test_sdxl_conditioning_and_v_prediction(monkeypatch):
-    shared.sd_model = TinySD(sdxl=True)
-    reforge_double.install(monkeypatch, shared.sd_model)
-    assert_guided_as_reference({"sampler_name": "Euler", "steps": 6})
-    shared.sd_model = TinySD(v_prediction=True)
-    reforge_double.install(monkeypatch, shared.sd_model)
-    assert_guided_as_reference({"sampler_name": "DPM++ 2M", "steps": 6})
+    check_sdxl_and_v_prediction(monkeypatch, reforge_double, assert_guided_as_reference)
 
 
 def test_out_of_memory_in_the_joined_call_stops_the_generation_once(reforge, monkeypatch):
