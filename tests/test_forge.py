@@ -263,6 +263,8 @@ def test_and_prompts_are_weighted_entries_of_the_prompt_slot(forge):
 
 # -- Safe Latent Diffusion: the safety concept is one more concept in our call ---------------
 
+MASK = torch.zeros(1, 1, 8, 8)
+MASK[..., :4] = 1.0  # the left half is preserved
 SLD = SafetyConfig(concept="glasses", scale=60.0, threshold=0.05, warmup=2,
                    momentum_scale=0.3, momentum_beta=0.4)
 
@@ -283,7 +285,10 @@ def assert_sld_as_reference(p_kwargs, concepts=(), reference=None):
      CONCEPTS[:1]),
     ({"sampler_name": "Euler", "steps": 8, "enable_hr": True, "hr_scale": 2,
       "hr_second_pass_steps": 4, "denoising_strength": 0.6}, CONCEPTS[:1]),
-], ids=["alone", "with-concepts", "and-batch", "hires"])
+    ({"sampler_name": "DPM++ 2M", "steps": 10, "denoising_strength": 0.6, "mask": MASK,
+      "nmask": 1 - MASK, "init_latent": torch.randn(
+          1, 4, 8, 8, generator=torch.Generator().manual_seed(5))}, ()),
+], ids=["alone", "with-concepts", "and-batch", "hires", "inpainting"])
 def test_sld_matches_the_reference(p_kwargs, concepts, forge):
     assert_sld_as_reference(p_kwargs, concepts)
 

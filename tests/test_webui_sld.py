@@ -134,3 +134,20 @@ def test_bad_sld_settings_stop_the_generation_before_sampling():
     runner = h.scripts.ScriptRunner([(h.SCRIPT_MODULE.LatentDiffusionGuidanceScript(), args)])
     with pytest.raises(Exception, match="Safe Latent Diffusion: threshold must be a finite"):
         h.processing.process_images(p, runner)
+
+
+def test_controlnet_marks_the_safety_row_as_uncond_and_rows_stay_constant():
+    from tests.test_webui_paths import ControlNetMarks
+    p_kwargs = {"sampler_name": "Euler", "steps": 6, "batch_size": 2}
+    safety = SafetyConfig(concept="glasses", scale=60.0, threshold=0.05, warmup=3,
+                          momentum_scale=0.0, momentum_beta=0.4)  # needed from step 3 only
+    marks = ControlNetMarks()
+    _, ours = h.generate(p_kwargs, h.script_args(CONCEPTS[:1], safety=safety),
+                         extra_scripts=[(marks, [])])
+    # Every call: 2 prompt rows, the concept's and the safety concept's 2 rows each (kept at
+    # every call: ControlNet caches per-row state at the first call's row count), 2 uncond.
+    assert all(m == [1024.0] * 2 + [-1024.0] * 6 for m in marks.row_marks)
+    reference = ReferenceGuidance(config_of(CONCEPTS[:1]), safety)
+    expected = h.generate(p_kwargs, None,
+                          extra_scripts=[(ControlNetMarks(), []), (reference, [])])[1]
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
