@@ -16,7 +16,15 @@
         "ldg-threshold": "Keep only the strongest part of the push: 0.9 acts on the top 10 % of the latent, 0 everywhere.",
         "ldg-warmup": "Sampling steps before the concept starts to act (it keeps the composition when high).",
         "ldg-cooldown": "Step from which the concept stops acting; -1 means never.",
-        "ldg-weight": "Weight of this concept against the others."
+        "ldg-weight": "Weight of this concept against the others.",
+        "ldg-sld-enabled": "Safe Latent Diffusion: steer away from the safety concept, as the SLD paper's method does; adds to the concepts above.",
+        "ldg-sld-config": "One of SLD's four configurations (weak, medium, strong, max), or custom to use the numbers below.",
+        "ldg-sld-concept": "What to steer away from; SLD's own text by default. Edit it to remove something else.",
+        "ldg-sld-scale": "SLD guidance scale (20 to 5000 in SLD's configurations); 1 or less turns SLD off.",
+        "ldg-sld-threshold": "SLD steers only where the prompt's estimate minus the safety concept's is below this.",
+        "ldg-sld-warmup": "Sampling steps before SLD is applied (its momentum builds up meanwhile).",
+        "ldg-sld-momentum-scale": "How much of SLD's running average of earlier steers is added to each step's; 0 turns it off.",
+        "ldg-sld-momentum-beta": "How much of SLD's running average is kept from one step to the next (0 to 1)."
     };
 
     function apply() {

@@ -114,6 +114,7 @@ class ForgePass:
         conds, options = args["conds"], args["model_options"]
         call, self._joined = self.denoiser.step, None
         step = self.guidance.clock.index(call)
+        self.guidance.scale_for(self.denoiser)
         needed = self.guidance.needed(step) if conds[1] is not None else ()
         if needed and rows_read_by_position(options):
             self.on_separate_call("an attention patch (IP-Adapter, ...) reads the model "
@@ -142,6 +143,7 @@ class ForgePass:
         x, sigma = args["input"], args["sigma"]
         if self._negative_skipped(args):
             return args["denoised"]  # the host's CFG has no direction here
+        self.guidance.scale_for(self.denoiser)
         needed = self.guidance.needed(step)
         joined, self._joined = self._joined, None
         with _stop_on_error(step, len(needed) * x.shape[0],
@@ -153,10 +155,24 @@ class ForgePass:
             else:
                 concepts = self._evaluate(args, needed, call)
             edit = self.guidance.edit(step, x=x, sigma=sigma, uncond=args["uncond_denoised"],
-                                      cond=args["cond_denoised"], concepts=concepts)
+                                      cond=self._prompt_estimate(args), concepts=concepts)
             if getattr(self.denoiser, "mask", None) is not None:
                 edit = edit * self.denoiser.nmask  # inpainting: the preserved area is left alone
             return args["denoised"] + edit
+
+    def _prompt_estimate(self, args: dict) -> torch.Tensor:
+        """The prompt's estimate the host's CFG scales. With AND prompts Forge and reForge
+        average the sub-prompts' estimates weighted by their strengths and scale the
+        difference by the strengths' sum ("edit_strength" in Forge's sampling_function_inner
+        and reForge's cfg_function): uncond + sum_i w_i (cond_i - uncond), as on A1111. SEGA reads
+        only its shape; Safe Latent Diffusion reads it."""
+        cond, uncond = args["cond_denoised"], args["uncond_denoised"]
+        if self.guidance.safety is None:
+            return cond
+        strength = sum(entry.get("strength", 1) for entry in args.get("cond") or [])
+        if not args.get("cond") or math.isclose(strength, 1.0):
+            return cond
+        return uncond + (cond - uncond) * strength
 
     def _negative_skipped(self, args: dict) -> bool:
         """Whether the host's CFG skips the negative at this call (NGMS, skip early CFG)."""

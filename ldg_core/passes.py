@@ -15,17 +15,32 @@ import torch
 from .clock import StepClock
 from .config import GuidanceConfig
 from .guidance import SemanticGuidance, concepts_needed
+from .safety import SafetyGuidance
+from .safety_config import SafetyConfig
 from .spaces import eps_from_output, output_change
 
 
 class GuidancePass:
-    """The engine's state for one pass, its step clock and the sampler's space."""
+    """The engines' state for one pass, its step clock and the sampler's space.
+
+    Rows are numbered as the host evaluates them: the SEGA concepts 0..N-1, then, with Safe
+    Latent Diffusion on, its safety concept as row N. Both edits are computed in eps space,
+    added, and turned into the sampler's space once.
+    """
 
     def __init__(self, config: GuidanceConfig, *, clock: StepClock, eps_outputs: bool,
-                 observer: Optional[Callable[[int, torch.Tensor], None]] = None):
+                 observer: Optional[Callable[[int, torch.Tensor], None]] = None,
+                 safety: Optional[SafetyConfig] = None, guidance_scale: float = 7.0):
         """`eps_outputs`: the sampler hands over eps (True) or x0 (False).
-        `observer(index, mask)`: sees each acting concept's threshold mask (concept maps)."""
+        `observer(index, mask)`: sees each acting concept's threshold mask (concept maps;
+        index N for the safety concept). `safety`: Safe Latent Diffusion's settings, or None.
+        `guidance_scale`: the CFG scale the host applies in this pass (SLD's s_g)."""
         self.engine = SemanticGuidance(config, end_step=clock.end_step, observer=observer)
+        self.safety = (None if safety is None else
+                       SafetyGuidance(safety, end_step=clock.end_step,
+                                      observer=None if observer is None else
+                                      (lambda mask: observer(len(config.concepts), mask))))
+        self.cfg_scale = self.guidance_scale = float(guidance_scale)
         self.clock = clock
         self.eps_outputs = eps_outputs
 
@@ -33,26 +48,57 @@ class GuidancePass:
     def config(self) -> GuidanceConfig:
         return self.engine.config
 
+    def scale_for(self, denoiser) -> None:
+        """Sets the CFG scale of this call: the pass's, times the CFG denoiser's multiplier
+        (DDIM CFG++ sets 1 / 12.5 on it when its sampling starts, sd_samplers_timesteps_impl)."""
+        multiplier = getattr(denoiser, "cond_scale_miltiplier", 1.0)
+        self.guidance_scale = self.cfg_scale * float(1.0 if multiplier is None else multiplier)
+
+    @property
+    def rows(self) -> int:
+        """How many rows (conditionings) the pass may evaluate: concepts, then safety."""
+        return len(self.config.concepts) + (self.safety is not None)
+
     def can_act(self) -> bool:
-        """Whether any concept can change any edit in this pass's steps."""
-        return can_act(self.config, self.clock.offset, self.clock.end_step)
+        """Whether any concept, or the safety concept, can change any edit in this pass."""
+        first, end = self.clock.offset, self.clock.end_step
+        return can_act(self.config, first, end) or (
+            self.safety is not None and any(
+                self.safety.needed(i, self.guidance_scale) for i in range(first, end)))
 
     def needed(self, step: int) -> Tuple[int, ...]:
-        """The concepts to evaluate at `step`, in order."""
-        return self.engine.needed(step)
+        """The rows to evaluate at `step`, in order (the safety concept last)."""
+        needed = self.engine.needed(step)
+        if self.safety is not None and self.safety.needed(step, self.guidance_scale):
+            needed += (len(self.config.concepts),)
+        return needed
 
     def edit(self, step: int, *, x: torch.Tensor, sigma: torch.Tensor, uncond: torch.Tensor,
              cond: torch.Tensor, concepts: Optional[torch.Tensor]) -> torch.Tensor:
         """The change of the combined output for this step's model outputs.
 
         All outputs are for rows whose inputs were the images' `x` [B, C, H, W] and `sigma`
-        [B]: `uncond` and `cond` [B, C, H, W], `concepts` [K, B, C, H, W] for needed(step)
-        (None when K is 0).
+        [B]: `uncond` and `cond` [B, C, H, W] (`cond`: the prompt's estimate, the one the
+        host's CFG scales), `concepts` [K, B, C, H, W] for needed(step) (None when K is 0) or
+        for every row.
         """
         def eps(out):
             return eps_from_output(out, x, sigma, self.eps_outputs)
-        edit = self.engine.step(step=step, uncond=eps(uncond), cond=eps(cond),
-                                concepts=None if concepts is None else eps(concepts))
+        count = len(self.config.concepts)
+        needed = self.needed(step)
+        rows = None if concepts is None or len(concepts) == 0 else list(eps(concepts).unbind(0))
+        safety = None
+        if rows is not None and self.safety is not None and (
+                len(rows) == self.rows or (needed and needed[-1] == count)):
+            safety = rows.pop()
+        uncond, cond = eps(uncond), eps(cond)
+        if count:
+            edit = self.engine.step(step=step, uncond=uncond, cond=cond, concepts=rows or None)
+        else:
+            edit = torch.zeros_like(uncond)
+        if self.safety is not None:
+            edit = edit + self.safety.step(step=step, uncond=uncond, cond=cond, safety=safety,
+                                           guidance_scale=self.guidance_scale)
         return output_change(edit, sigma, self.eps_outputs)
 
 

@@ -8,6 +8,8 @@ whole argument list is worked out at once from that dict:
 - our key absent (an image made without the extension): guidance is switched off and nothing
   else changes;
 - our key present but unreadable: nothing changes, and `warning` says why.
+Safe Latent Diffusion has a key of its own: present, its fields are set and it is switched
+on (with guidance, and with no concept when only SLD was used); absent, it is switched off.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
 from .config import GuidanceConfig
-from .text_form import from_text
-from .ui_args import SLOTS_END, args_from_config
+from .text_form import from_text, safety_from_text
+from .ui_args import SAFETY_START, SLOTS_END, args_from_config, safety_values
 
 INFOTEXT_KEY = "Latent Diffusion Guidance"
+SAFETY_KEY = "Safe Latent Diffusion"
 
 
 @dataclass(frozen=True)
@@ -30,13 +33,19 @@ class Paste:
 
 
 def paste_from_params(params: Mapping[str, Any]) -> Paste:
-    text = params.get(INFOTEXT_KEY)
-    if text is None:
-        return Paste(values={0: False})
+    text, safety_text = params.get(INFOTEXT_KEY), params.get(SAFETY_KEY)
     try:
-        config: GuidanceConfig = from_text(text)
+        safety = None if safety_text is None else safety_from_text(safety_text)
+        config: GuidanceConfig = (from_text(text) if text is not None else
+                                  GuidanceConfig() if safety is not None else None)
     except ValueError as error:
         return Paste(warning=f"{error}. The Latent Diffusion Guidance fields were left as they "
                              "were.")
-    values = args_from_config(config, enabled=True)[:SLOTS_END]
-    return Paste(values=dict(enumerate(values)), concepts=len(config.concepts))
+    if config is None:
+        return Paste(values={0: False, SAFETY_START: False})
+    values = dict(enumerate(args_from_config(config, enabled=True)[:SLOTS_END]))
+    if safety is None:
+        values[SAFETY_START] = False
+    else:
+        values.update(enumerate(safety_values(safety), start=SAFETY_START))
+    return Paste(values=values, concepts=len(config.concepts))

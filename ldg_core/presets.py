@@ -19,9 +19,10 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Optional
 
 from .config import Concept, GuidanceConfig
+from .safety_config import SafetyConfig
 
 USER_PRESETS_FILE = "latent_diffusion_guidance_presets.json"
 _FILE_VERSION = 1
@@ -36,6 +37,7 @@ class Preset:
     name: str
     description: str
     config: GuidanceConfig
+    safety: Optional[SafetyConfig] = None  # Safe Latent Diffusion's part, saved with it
 
 
 def _safety(name: str, description: str, *, scale: float, threshold: float, warmup: int,
@@ -87,14 +89,14 @@ BUILTIN_PRESETS: Dict[str, Preset] = {p.name: p for p in [
                Concept("cartoon, illustration, painting, 3d render", reverse=True, scale=4,
                        threshold=0.9, warmup=3)],
                momentum_scale=0.1, momentum_beta=0.4)),
-    _safety("Safety: weak", "Removes inappropriate content late and lightly (SLD 'weak' spirit).",
+    _safety("Safety: weak", "SEGA, not SLD: removes a concept of inappropriate content late and lightly.",
             scale=3, threshold=0.95, warmup=7, momentum_scale=0.0, momentum_beta=0.0),
-    _safety("Safety: medium", "Removes inappropriate content from early on (SLD 'medium' spirit).",
+    _safety("Safety: medium", "SEGA, not SLD: removes a concept of inappropriate content from early on.",
             scale=5, threshold=0.9, warmup=5, momentum_scale=0.3, momentum_beta=0.4),
-    _safety("Safety: strong", "Removes inappropriate content early and widely (SLD 'strong').",
+    _safety("Safety: strong", "SEGA, not SLD: removes a concept of inappropriate content early and widely.",
             scale=7, threshold=0.85, warmup=3, momentum_scale=0.5, momentum_beta=0.7),
-    _safety("Safety: max", "Removes inappropriate content from the first step, over most of the "
-            "image (SLD 'max' spirit).",
+    _safety("Safety: max", "SEGA, not SLD: removes a concept of inappropriate content from the "
+            "first step, over a quarter of the latent.",
             scale=10, threshold=0.75, warmup=0, momentum_scale=0.5, momentum_beta=0.7),
 ]}
 
@@ -120,25 +122,30 @@ def load_user_presets(path: str) -> Dict[str, Preset]:
         try:
             entry = dict(entry) if isinstance(entry, Mapping) else entry
             description = entry.pop("description", "") if isinstance(entry, dict) else ""
-            presets[name] = Preset(name, str(description), GuidanceConfig.from_dict(entry))
+            safety = entry.pop("safety", None) if isinstance(entry, dict) else None
+            presets[name] = Preset(name, str(description), GuidanceConfig.from_dict(entry),
+                                   None if safety is None else SafetyConfig.from_dict(safety))
         except (ValueError, TypeError) as error:
             raise ValueError(f"user presets file {path}, preset {name!r}: {error}") from None
     return presets
 
 
-def save_user_preset(path: str, name: str, config: GuidanceConfig,
-                     description: str = "") -> None:
-    """Adds or replaces the user preset `name`; built-in names are refused. The file is
-    replaced atomically, so a crash never leaves half a file."""
+def save_user_preset(path: str, name: str, config: Optional[GuidanceConfig],
+                     description: str = "", safety: Optional[SafetyConfig] = None) -> None:
+    """Adds or replaces the user preset `name` (concepts, and Safe Latent Diffusion's part
+    when it is on); built-in names are refused. The file is replaced atomically, so a crash
+    never leaves half a file."""
     name = name.strip() if isinstance(name, str) else name
     if not isinstance(name, str) or not name:
         raise ValueError("a preset needs a name")
     if name in BUILTIN_PRESETS:
         raise ValueError(f"{name!r} is a built-in preset; choose another name")
-    if not config.concepts:
-        raise ValueError("a preset needs at least one concept with a prompt")
+    config = GuidanceConfig() if config is None else config
+    if not config.concepts and safety is None:
+        raise ValueError("a preset needs at least one concept with a prompt, or Safe Latent "
+                         "Diffusion on")
     presets = {k: _entry(v) for k, v in load_user_presets(path).items()}
-    presets[name] = _entry(Preset(name, description, config))
+    presets[name] = _entry(Preset(name, description, config, safety))
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
@@ -157,6 +164,8 @@ def _entry(preset: Preset) -> dict:
     entry = preset.config.to_dict()
     if preset.description:
         entry["description"] = preset.description
+    if preset.safety is not None:
+        entry["safety"] = preset.safety.to_dict()
     return entry
 
 

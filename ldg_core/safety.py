@@ -16,7 +16,7 @@ on the estimates' device, with no host sync and no branching on tensor values.
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -62,14 +62,18 @@ class SafetyGuidance:
     The guided estimate is  uncond + guidance_scale * (cond - uncond) + edit.
     """
 
-    def __init__(self, config: SafetyConfig, *, end_step: Optional[int] = None):
-        """`end_step`: the step the pass ends before, if known; it lets needed() skip more."""
+    def __init__(self, config: SafetyConfig, *, end_step: Optional[int] = None,
+                 observer: Optional[Callable[[torch.Tensor], None]] = None):
+        """`end_step`: the step the pass ends before, if known; it lets needed() skip more.
+        `observer(mask)`: sees, at each step where the term is applied, where the safety
+        estimate steered (eps_text - eps_safety below the threshold) [B, C, H, W]."""
         if not isinstance(config, SafetyConfig):
             raise ValueError(f"SafetyGuidance needs a SafetyConfig, got {type(config).__name__}")
         if end_step is not None:
             _check_step_index("end_step", end_step)
         self.config = config
         self.end_step = end_step
+        self.observer = observer
         self._step: Optional[int] = None
         self._momentum: Optional[torch.Tensor] = None  # as of the start of self._step
         self._pending: Optional[torch.Tensor] = None  # after self._step, from its latest call
@@ -125,6 +129,8 @@ class SafetyGuidance:
         term, self._pending = safety_term(self.config, uncond, cond, safety, self._momentum)
         if step < self.config.warmup:
             return torch.zeros_like(uncond)
+        if self.observer is not None:
+            self.observer(cond - safety < self.config.threshold)
         return term * -scale
 
 

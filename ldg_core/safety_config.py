@@ -85,6 +85,14 @@ class SafetyConfig:
                              f"allowed names are {', '.join(PRESETS)}")
         return cls(concept=concept, **PRESETS[key])
 
+    @property
+    def preset_name(self) -> str:
+        """The reference configuration whose five numbers these are, or "custom"."""
+        for name, numbers in PRESETS.items():
+            if all(getattr(self, key) == value for key, value in numbers.items()):
+                return name
+        return "custom"
+
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

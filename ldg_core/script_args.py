@@ -14,19 +14,31 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .config import MAX_CONCEPTS, Concept, GuidanceConfig
 from .presets import Preset, find_preset
-from .ui_args import (DIRECTIONS, NEVER, SLOT_FIELDS, SLOTS_END, args_from_config,
-                      config_from_args, default_args, slot_index)
+from .safety_config import PRESETS as SAFETY_PRESETS, SafetyConfig
+from .ui_args import (CUSTOM, DIRECTIONS, NEVER, SAFETY_CONFIGS, SAFETY_FIELDS, SAFETY_NUMBERS,
+                      SAFETY_START, SLOT_FIELDS, SLOTS_END, args_from_config, config_from_args,
+                      default_args, safety_from_args, safety_values, slot_index)
 
-API_KEYS = ("enabled", "concepts", "momentum_scale", "momentum_beta", "preset", "concept_maps")
+API_KEYS = ("enabled", "concepts", "momentum_scale", "momentum_beta", "preset", "concept_maps",
+            "safety")
+SAFETY_KEYS = ("enabled", "config", "concept", "scale", "threshold", "warmup",
+               "momentum_scale", "momentum_beta")
 # X/Y/Z axes: global keys, and (slot, field) pairs with the slot counted from 0.
 GLOBAL_OVERRIDES = ("enabled", "momentum_scale", "momentum_beta", "preset")
 SLOT_OVERRIDES = ("prompt", "direction", "scale", "threshold", "warmup", "cooldown", "weight")
+# Safe Latent Diffusion's axes: the configuration and its five numbers (ui_args field names).
+SAFETY_OVERRIDES = ("sld_config",) + tuple(SAFETY_NUMBERS)
 
 
 @dataclass(frozen=True)
 class ScriptSettings:
-    config: Optional[GuidanceConfig]  # None: nothing to do (disabled, or no concept)
+    config: Optional[GuidanceConfig]  # None: no concept (disabled, or none given)
     concept_maps: bool = False
+    safety: Optional[SafetyConfig] = None  # None: Safe Latent Diffusion off
+
+    @property
+    def active(self) -> bool:
+        return self.config is not None or self.safety is not None
 
 
 def settings_from_args(args: Sequence[Any], presets: Mapping[str, Preset],
@@ -35,11 +47,12 @@ def settings_from_args(args: Sequence[Any], presets: Mapping[str, Preset],
     API's dict form; the WebUI fills the remaining positions with the UI's defaults, which are
     then ignored). `overrides` come from X/Y/Z plot axes."""
     if args and isinstance(args[0], Mapping):
-        config, maps = _from_dict(args[0], presets)
+        config, maps, safety = _from_dict(args[0], presets)
         if not overrides:
-            return ScriptSettings(config, maps)
-        values = args_from_config(config, enabled=config is not None)
+            return ScriptSettings(config, maps, safety)
+        values = args_from_config(config, enabled=config is not None or safety is not None)
         values[SLOTS_END] = maps
+        values[SAFETY_START:SAFETY_START + len(SAFETY_FIELDS)] = safety_values(safety)
     else:
         values = list(args) + default_args()[len(args):]
     if overrides:
@@ -47,8 +60,8 @@ def settings_from_args(args: Sequence[Any], presets: Mapping[str, Preset],
     maps = values[SLOTS_END]
     if not isinstance(maps, bool):
         raise ValueError(f"concept_maps must be true or false, got {maps!r}")
-    config = config_from_args(values)
-    return ScriptSettings(config, maps and config is not None)
+    config, safety = config_from_args(values), safety_from_args(values)
+    return ScriptSettings(config, maps and (config is not None or safety is not None), safety)
 
 
 # -- the dict form -------------------------------------------------------------------------------
@@ -64,10 +77,14 @@ def _from_dict(data: Mapping[str, Any], presets: Mapping[str, Preset]):
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, got {value!r}")
     if not enabled:
-        return None, False
+        return None, False, None
+    safety = _safety(data["safety"]) if "safety" in data else None
     base = GuidanceConfig()
     if "preset" in data:
-        base = find_preset(data["preset"], presets).config
+        preset = find_preset(data["preset"], presets)
+        base = preset.config
+        if "safety" not in data:  # a preset's SLD part, unless "safety" says otherwise
+            safety = preset.safety
     concepts = base.concepts
     if "concepts" in data:
         concepts = _concepts(data["concepts"])
@@ -75,7 +92,45 @@ def _from_dict(data: Mapping[str, Any], presets: Mapping[str, Preset]):
         concepts=concepts,
         momentum_scale=data.get("momentum_scale", base.momentum_scale),
         momentum_beta=data.get("momentum_beta", base.momentum_beta))
-    return (config if config.concepts else None), maps and bool(config.concepts)
+    active = bool(config.concepts) or safety is not None
+    return (config if config.concepts else None), maps and active, safety
+
+
+def _safety(data: Any) -> Optional[SafetyConfig]:
+    """The "safety" key: {"config": "medium"} (or just "medium"), or a custom configuration:
+    a named configuration fills in first, explicit numbers and concept then win."""
+    if isinstance(data, str):
+        data = {"config": data}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"safety must be an object like {{\"config\": \"medium\"}}, got {data!r}")
+    unknown = [k for k in data if k not in SAFETY_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} in safety; allowed keys are "
+                         + ", ".join(SAFETY_KEYS))
+    enabled = data.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ValueError(f"safety: enabled must be true or false, got {enabled!r}")
+    if not enabled:
+        return None
+    name = data.get("config", "medium")  # SLD's defaults; given numbers override it
+    numbers = [key for key in SAFETY_NUMBERS.values() if key in data]
+    if name not in SAFETY_CONFIGS:
+        raise ValueError(f"safety: config must be one of {', '.join(SAFETY_CONFIGS)}, "
+                         f"got {name!r}")
+    if name == CUSTOM and len(numbers) < len(SAFETY_NUMBERS):
+        missing = [key for key in SAFETY_NUMBERS.values() if key not in data]
+        raise ValueError(f"safety: a custom config needs every number; {missing[0]!r} is "
+                         "missing (or name one of SLD's configurations and override some)")
+    concept = data.get("concept", SafetyConfig.concept)
+    if isinstance(concept, str) and not concept.strip():
+        raise ValueError("safety: concept is empty; give the concept to steer away from or "
+                         "leave the key out (SLD's own text)")
+    base = SAFETY_PRESETS.get(name, {})
+    try:
+        return SafetyConfig(concept=concept, **{key: data.get(key, base.get(key))
+                                                for key in SAFETY_NUMBERS.values()})
+    except ValueError as error:
+        raise ValueError(f"safety: {error}") from None
 
 
 def _concepts(items: Any) -> list:
@@ -114,13 +169,16 @@ def apply_overrides(values: Sequence[Any], overrides: Mapping[Any, Any],
     if "preset" in overrides:
         preset = find_preset(overrides["preset"], presets)
         values[:SLOTS_END] = args_from_config(preset.config, enabled=values[0])[:SLOTS_END]
+        if preset.safety is not None:  # a preset with an SLD part sets it
+            values[SAFETY_START:SAFETY_START + len(SAFETY_FIELDS)] = safety_values(preset.safety)
     if "enabled" in overrides:
         values[0] = _boolean("enabled", overrides["enabled"])
+    _safety_overrides(values, overrides)
     for position, key in ((1, "momentum_scale"), (2, "momentum_beta")):
         if key in overrides:
             values[position] = overrides[key]
     for key, value in overrides.items():
-        if key in GLOBAL_OVERRIDES:
+        if key in GLOBAL_OVERRIDES or key in SAFETY_OVERRIDES:
             continue
         slot, field = key
         label = f"concept {slot + 1} {field}"
@@ -134,6 +192,29 @@ def apply_overrides(values: Sequence[Any], overrides: Mapping[Any, Any],
             values[slot_index(slot, "slot_enabled")] = True
         values[slot_index(slot, field)] = value
     return values
+
+
+def _safety_overrides(values: list, overrides: Mapping[Any, Any]) -> None:
+    """SLD axes switch SLD on: the configuration first, then single numbers, which make the
+    configuration "custom" (starting from the named configuration's numbers)."""
+    keys = [k for k in SAFETY_OVERRIDES if k in overrides]
+    if not keys:
+        return
+    position = {field: SAFETY_START + i for i, field in enumerate(SAFETY_FIELDS)}
+    values[position["sld_enabled"]] = True
+    name = overrides.get("sld_config", values[position["sld_config"]])
+    name = name.strip().lower() if isinstance(name, str) else name
+    if name not in SAFETY_CONFIGS:
+        raise ValueError(f"SLD configuration must be one of {', '.join(SAFETY_CONFIGS)}, "
+                         f"got {name!r}")
+    values[position["sld_config"]] = name
+    if name != CUSTOM:
+        for field, key in SAFETY_NUMBERS.items():
+            values[position[field]] = SAFETY_PRESETS[name][key]
+    for field in SAFETY_NUMBERS:
+        if field in overrides:
+            values[position["sld_config"]] = CUSTOM
+            values[position[field]] = overrides[field]
 
 
 def _boolean(label: str, value: Any) -> bool:
@@ -157,4 +238,4 @@ def _cooldown(label: str, value: Any) -> Any:
 
 
 __all__ = ["ScriptSettings", "settings_from_args", "apply_overrides", "API_KEYS",
-           "GLOBAL_OVERRIDES", "SLOT_OVERRIDES", "SLOT_FIELDS"]
+           "GLOBAL_OVERRIDES", "SLOT_OVERRIDES", "SAFETY_OVERRIDES", "SLOT_FIELDS"]

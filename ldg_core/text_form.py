@@ -16,6 +16,7 @@ import re
 from typing import Dict, List, Tuple, Union
 
 from .config import Concept, GuidanceConfig
+from .safety_config import DEFAULT_SAFETY_CONCEPT, PRESETS as SAFETY_PRESETS, SafetyConfig
 
 _DIRECTIONS = {"add": False, "remove": True}
 _CONCEPT_KEYS = ("scale", "threshold", "warmup", "cooldown", "weight")
@@ -151,3 +152,57 @@ def from_text(text: str) -> GuidanceConfig:
 
 def _shorten(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+# -- Safe Latent Diffusion ------------------------------------------------------------------------
+#
+#     medium
+#     strong "an image showing violence"
+#     custom "an image showing violence" scale=1500 threshold=0.02 warmup=8 momentum=0.3 beta=0.4
+#
+# The configuration's name (one of SLD's four when the numbers are exactly its numbers, else
+# "custom" followed by every number), then the safety concept as a JSON string literal when
+# it is not SLD's default text.
+
+CUSTOM = "custom"
+_SAFETY_KEYS = {"scale": "scale", "threshold": "threshold", "warmup": "warmup",
+                "momentum": "momentum_scale", "beta": "momentum_beta"}
+
+
+def safety_to_text(config: SafetyConfig) -> str:
+    name = config.preset_name
+    words = [name]
+    if config.concept != DEFAULT_SAFETY_CONCEPT:
+        words.append(_quote(config.concept))
+    if name == CUSTOM:
+        words += [f"{key}={_number(getattr(config, field))}"
+                  for key, field in _SAFETY_KEYS.items()]
+    return " ".join(words)
+
+
+def safety_from_text(text: str) -> SafetyConfig:
+    """Parses safety_to_text's output; anything else is a ValueError saying what is wrong."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string, got {type(text).__name__}")
+    try:
+        tokens = _tokens(text)
+        names = list(SAFETY_PRESETS) + [CUSTOM]
+        if not tokens or tokens[0][0] != "word" or tokens[0][1] not in names:
+            raise ValueError(f"it must start with one of {', '.join(names)}")
+        name, rest = tokens[0][1], tokens[1:]
+        concept = DEFAULT_SAFETY_CONCEPT
+        if rest and rest[0][0] == "string":
+            concept, rest = rest[0][1], rest[1:]
+        if name != CUSTOM:
+            if rest:
+                raise ValueError(f"unexpected {rest[0][1]!r} at position {rest[0][2]} after "
+                                 f"{name!r} (numbers follow 'custom' only)")
+            return SafetyConfig.preset(name, concept)
+        settings = _settings(rest, _SAFETY_KEYS)
+        missing = [k for k in _SAFETY_KEYS if k not in settings]
+        if missing:
+            raise ValueError(f"{missing[0]} is missing")
+        return SafetyConfig(concept=concept, **{
+            _SAFETY_KEYS[k]: _parse_number(k, v) for k, v in settings.items()})
+    except ValueError as error:
+        raise ValueError(f"Safe Latent Diffusion settings {_shorten(text)}: {error}") from None

@@ -14,6 +14,8 @@ from typing import Any, List, Optional, Sequence
 
 from . import config as defaults
 from .config import MAX_CONCEPTS, Concept, GuidanceConfig
+from .safety_config import DEFAULT_PRESET as SAFETY_DEFAULT_PRESET
+from .safety_config import DEFAULT_SAFETY_CONCEPT, PRESETS as SAFETY_PRESETS, SafetyConfig
 
 GLOBAL_FIELDS = ("enabled", "momentum_scale", "momentum_beta")
 SLOT_FIELDS = ("slot_enabled", "prompt", "direction", "scale", "threshold", "warmup",
@@ -28,9 +30,22 @@ SLOT_DEFAULTS = {"slot_enabled": True, "prompt": "", "direction": "add",
                  "weight": defaults.DEFAULT_WEIGHT}
 GLOBAL_DEFAULTS = {"enabled": False, "momentum_scale": defaults.DEFAULT_MOMENTUM_SCALE,
                    "momentum_beta": defaults.DEFAULT_MOMENTUM_BETA}
-EXTRA_FIELDS = ("concept_maps",)  # "Show where each concept acted"
-EXTRA_DEFAULTS = {"concept_maps": False}
+# Safe Latent Diffusion's part, appended after concept_maps: on/off, the configuration (one of
+# SLD's four, or "custom"), the safety concept and SLD's five numbers (read for "custom").
+SAFETY_FIELDS = ("sld_enabled", "sld_config", "sld_concept", "sld_scale", "sld_threshold",
+                 "sld_warmup", "sld_momentum_scale", "sld_momentum_beta")
+SAFETY_NUMBERS = {"sld_scale": "scale", "sld_threshold": "threshold", "sld_warmup": "warmup",
+                  "sld_momentum_scale": "momentum_scale", "sld_momentum_beta": "momentum_beta"}
+CUSTOM = "custom"
+SAFETY_CONFIGS = tuple(SAFETY_PRESETS) + (CUSTOM,)
+SAFETY_DEFAULTS = {"sld_enabled": False, "sld_config": SAFETY_DEFAULT_PRESET,
+                   "sld_concept": DEFAULT_SAFETY_CONCEPT,
+                   **{field: SAFETY_PRESETS[SAFETY_DEFAULT_PRESET][key]
+                      for field, key in SAFETY_NUMBERS.items()}}
+EXTRA_FIELDS = ("concept_maps",) + SAFETY_FIELDS  # "Show where each concept acted", SLD
+EXTRA_DEFAULTS = {"concept_maps": False, **SAFETY_DEFAULTS}
 SLOTS_END = len(GLOBAL_FIELDS) + MAX_CONCEPTS * len(SLOT_FIELDS)
+SAFETY_START = SLOTS_END + 1  # where SAFETY_FIELDS begin
 ARG_COUNT = SLOTS_END + len(EXTRA_FIELDS)
 
 
@@ -109,3 +124,38 @@ def _concept(slot: int, fields: dict) -> Optional[Concept]:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def safety_values(safety: Optional[SafetyConfig]) -> List[Any]:
+    """SAFETY_FIELDS' values that stand for `safety` (None: off, the defaults otherwise)."""
+    if safety is None:
+        return [SAFETY_DEFAULTS[f] for f in SAFETY_FIELDS]
+    return [True, safety.preset_name, safety.concept] + [
+        getattr(safety, key) for key in SAFETY_NUMBERS.values()]
+
+
+def safety_from_args(args: Sequence[Any]) -> Optional[SafetyConfig]:
+    """Safe Latent Diffusion's settings from the whole argument list: None when guidance or
+    SLD is off; a ValueError naming the field for anything invalid. A named configuration
+    takes SLD's numbers for it (the UI shows them); "custom" reads the five numbers."""
+    values = list(args) + default_args()[len(args):]
+    fields = dict(zip(SAFETY_FIELDS, values[SAFETY_START:SAFETY_START + len(SAFETY_FIELDS)]))
+    if not values[0] or not fields["sld_enabled"]:
+        return None
+    if fields["sld_enabled"] is not True:
+        raise ValueError(f"Safe Latent Diffusion: on/off must be true or false, got "
+                         f"{fields['sld_enabled']!r}")
+    name, concept = fields["sld_config"], fields["sld_concept"]
+    if name not in SAFETY_CONFIGS:
+        raise ValueError(f"Safe Latent Diffusion: configuration must be one of "
+                         f"{', '.join(SAFETY_CONFIGS)}, got {name!r}")
+    if not isinstance(concept, str) or not concept.strip():
+        raise ValueError(f"Safe Latent Diffusion: the safety concept is empty, got {concept!r}; "
+                         "write the concept to steer away from")
+    try:
+        if name != CUSTOM:
+            return SafetyConfig.preset(name, concept)
+        return SafetyConfig(concept=concept, **{key: fields[field]
+                                                for field, key in SAFETY_NUMBERS.items()})
+    except ValueError as error:
+        raise ValueError(f"Safe Latent Diffusion: {error}") from None

@@ -74,7 +74,11 @@ class PassGuidance:
 
     def __init__(self, guidance: GuidancePass, *, owner: Any, concept_schedules: Sequence[Any],
                  first_prompt_rows: Sequence[int], webui: WebUIFunctions,
-                 separate_call: bool = False, max_rows: int = 0):
+                 separate_call: bool = False, max_rows: int = 0,
+                 prompt_rows: Optional[Sequence[Sequence[Tuple[int, float]]]] = None):
+        """`prompt_rows`: per image, its prompt rows and their weights (AND prompts), which
+        give Safe Latent Diffusion the prompt's estimate the WebUI's CFG scales; None: one
+        row of weight 1 per image, at `first_prompt_rows`."""
         self.guidance = guidance  # the step, the concepts to evaluate, the edit
         self.separate_call = separate_call
         self.max_rows = max(int(max_rows), 0)  # rows per model call of ours; 0 = no limit
@@ -82,6 +86,9 @@ class PassGuidance:
         self.owner = owner  # the processing object our script set up; other passes are left alone
         self.schedules = list(concept_schedules)  # per concept, as get_learned_conditioning gives
         self.first_prompt_rows = list(first_prompt_rows)  # each image's first prompt row
+        self.prompt_rows = None if prompt_rows is None or all(
+            len(rows) == 1 and rows[0][1] == 1 for rows in prompt_rows) else [
+            list(rows) for rows in prompt_rows]
         self.webui = webui
         self._call: Optional[_Call] = None
 
@@ -118,6 +125,7 @@ class PassGuidance:
         if self.webui.skips_uncond(denoiser, sigma_images):
             return  # the WebUI drops CFG at this step; without an uncond there is no direction
         index = self.clock.index(denoiser.step)
+        self.guidance.scale_for(denoiser)
         needed = self.guidance.needed(index)
         # Past the row limit, the WebUI's call stays as it is and concepts get calls of their own.
         over_limit = 0 < self.max_rows < params.x.shape[0] + len(needed) * images
@@ -125,7 +133,7 @@ class PassGuidance:
         if not extra_calls and _is_marked(token_count(params.text_cond), self.webui.empty_cond()):
             # ControlNet caches per-row state at the first call's row count (hook.py
             # L547, L700-708): keep every concept's rows at every call of the pass.
-            needed = tuple(range(len(self.guidance.config.concepts)))
+            needed = tuple(range(self.guidance.rows))
         self._call = _Call(index, needed, prompt_rows, images, params.x[-images:], sigma_images,
                            denoiser, params.image_cond[-images:], token_count(params.text_cond),
                            extra_calls=extra_calls)
@@ -150,7 +158,21 @@ class PassGuidance:
         elif k:
             concepts = out[call.prompt_rows:call.prompt_rows + k * b].view(k, *uncond.shape)
         call.edit = self.guidance.edit(call.index, x=call.x, sigma=call.sigma, uncond=uncond,
-                                       cond=out[self.first_prompt_rows], concepts=concepts)
+                                       cond=self._prompt_estimate(out, uncond), concepts=concepts)
+
+    def _prompt_estimate(self, out: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """Each image's prompt estimate: its prompt row, or, for AND prompts with Safe Latent
+        Diffusion on, the WebUI's combined direction at CFG scale 1, uncond + sum_i w_i
+        (cond_i - uncond), computed as combine_denoised computes it
+        (sd_samplers_cfg_denoiser.py L80-87), so that SLD's guided result stays "the WebUI's
+        CFG result + edit". SEGA reads only the estimate's shape."""
+        if self.prompt_rows is None or self.guidance.safety is None:
+            return out[self.first_prompt_rows]
+        combined = torch.clone(uncond)
+        for image, rows in enumerate(self.prompt_rows):
+            for row, weight in rows:
+                combined[image] += (out[row] - uncond[image]) * weight
+        return combined
 
     def on_cfg_after_cfg(self, params) -> None:
         call, self._call = self._call, None

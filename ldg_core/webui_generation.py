@@ -14,8 +14,9 @@ from typing import Any, Callable, List, Optional, Tuple
 from .concept_maps import ConceptMapRecorder, batch_overlays
 from .clock import REFUSED_SAMPLERS, step_clock
 from .config import GuidanceConfig
+from .safety_config import SafetyConfig
 from .failures import GuidanceError, StopSampling, sampling_failure
-from .text_form import to_text
+from .text_form import safety_to_text, to_text
 from .ui_args import MAX_ROWS_OPTION
 from .forge import (ForgeFunctions, ForgePass, calc_cond_batch_function, join_problem,
                     post_cfg_function)
@@ -25,6 +26,7 @@ from .webui_adapter import PassGuidance, WebUIFunctions, token_count
 log = logging.getLogger("latent_diffusion_guidance")
 
 INFOTEXT_KEY = "Latent Diffusion Guidance"
+SAFETY_KEY = "Safe Latent Diffusion"
 SEPARATE_CALL_KEY = "Latent Diffusion Guidance rows"
 # Image parameters by which neighbours that read the CFG denoiser's rows announce themselves.
 ROW_READING_EXTENSIONS = {"Dynamic thresholding enabled": "Dynamic Thresholding",
@@ -98,9 +100,10 @@ class Generation:
     """Guidance state of one processing object `p`, across its batches and passes."""
 
     def __init__(self, p: Any, config: GuidanceConfig, modules: WebUIModules, cache: list,
-                 concept_maps: bool = False):
+                 concept_maps: bool = False, safety: Optional[SafetyConfig] = None):
         self.p = p
-        self.config = config
+        self.config = config  # may hold no concept when only Safe Latent Diffusion is on
+        self.safety = safety
         self.m = modules
         self.cache = cache  # a get_conds_with_caching cell, kept by the script across generations
         self.current: Optional[PassGuidance] = None
@@ -121,9 +124,11 @@ class Generation:
     @classmethod
     def attach(cls, p: Any, config: Optional[GuidanceConfig], modules: WebUIModules,
                cache: list, error: Optional[Exception] = None,
-               concept_maps: bool = False) -> Optional["Generation"]:
-        """Prepares `p` (from the script's process()). Disabled: touches nothing at all."""
-        if error is None and config is None:
+               concept_maps: bool = False,
+               safety: Optional[SafetyConfig] = None) -> Optional["Generation"]:
+        """Prepares `p` (from the script's process()). Disabled: touches nothing at all.
+        `safety`: Safe Latent Diffusion's settings, alone (config None) or with concepts."""
+        if error is None and config is None and safety is None:
             return None
         problem = str(error) if error is not None else model_problem(modules.shared.sd_model)
         for name in [] if problem else sampler_names(p):
@@ -134,9 +139,13 @@ class Generation:
         if problem:
             _refuse_sampling(p, GuidanceError(problem))
             return None
-        generation = cls(p, config, modules, cache, concept_maps)
+        generation = cls(p, config if config is not None else GuidanceConfig(), modules, cache,
+                         concept_maps, safety)
         setattr(p, _ATTRIBUTE, generation)
-        p.extra_generation_params[INFOTEXT_KEY] = to_text(config)
+        if config is not None:
+            p.extra_generation_params[INFOTEXT_KEY] = to_text(config)
+        if safety is not None:
+            p.extra_generation_params[SAFETY_KEY] = safety_to_text(safety)
         generation._wrap_sample()
         return generation
 
@@ -195,7 +204,8 @@ class Generation:
         conds = self._encode()
         # Forge hands every sampler's outputs over in x0; on A1111 timestep samplers give eps.
         guidance = GuidancePass(self.config, clock=clock, eps_outputs=timesteps and forge is None,
-                                observer=self._map_observer())
+                                observer=self._map_observer(), safety=self.safety,
+                                guidance_scale=self._cfg_scale())
         if forge is not None:
             return ForgePass(guidance, denoiser=sampler.model_wrap_cfg, forge=forge,
                              concept_conds=lambda call: [
@@ -204,11 +214,25 @@ class Generation:
                              skips_uncond=self._skips_uncond, max_rows=self._row_limit(),
                              on_separate_call=self._say_separate_call)
         repeats = [len(rows) for rows in c.batch]
+        first_rows = [0] + list(itertools.accumulate(repeats))[:-1]
         return PassGuidance(
-            guidance, owner=p, concept_schedules=conds,
-            first_prompt_rows=[0] + list(itertools.accumulate(repeats))[:-1],
+            guidance, owner=p, concept_schedules=conds, first_prompt_rows=first_rows,
+            prompt_rows=[[(first + i, row.weight) for i, row in enumerate(rows)]
+                         for first, rows in zip(first_rows, c.batch)],
             webui=self._functions(), separate_call=self._separate_call_needed(c, conds),
             max_rows=self._max_rows(sum(repeats) + len(repeats), len(repeats)))
+
+    def _cfg_scale(self) -> float:
+        """The CFG scale the host applies in the coming pass, Safe Latent Diffusion's s_g: the
+        Hires CFG Scale in a hires pass where the host has one (Forge, reForge). The CFG
+        denoiser's multiplier (DDIM CFG++: 1 / 12.5, set when its sampling starts) is applied
+        at each call by the host modules (`scaled_cfg`)."""
+        p = self.p
+        scale = p.cfg_scale
+        if getattr(p, "is_hr_pass", False) and getattr(p, "hr_cfg", None) is not None \
+                and self.m.forge is not None:
+            scale = p.hr_cfg
+        return float(scale)
 
     def _map_observer(self) -> Optional[Callable]:
         """A recorder's observer for this pass's concept maps (None when maps are off)."""
@@ -250,7 +274,7 @@ class Generation:
         rows in other calls, a limit the concept rows would pass stops the generation (every
         concept's rows are in every call there)."""
         limit = self._row_limit()
-        rows = webui_rows + len(self.config.concepts) * images
+        rows = webui_rows + self._rows() * images
         blocking = self._units_that_cannot_follow() if 0 < limit < rows else []
         if blocking:
             raise GuidanceError(f"'Max rows per UNet call' is {limit}, below the {rows} rows of a "
@@ -258,6 +282,10 @@ class Generation:
                                 f"model calls, which {_cannot_follow(blocking)}: raise the limit "
                                 "(0 = none), or turn that unit or guidance off")
         return limit
+
+    def _rows(self) -> int:
+        """Conditionings per image the pass may evaluate: the concepts, and the safety one."""
+        return len(self.config.concepts) + (self.safety is not None)
 
     def _units_that_cannot_follow(self) -> List[str]:
         model = getattr(self.m.shared.sd_model, "model", None)
@@ -281,6 +309,8 @@ class Generation:
         L493-503 for a first pass, L1500-1511 for the hires pass), cached like it."""
         p, m = self.p, self.m
         prompts = [c.prompt for c in self.config.concepts]
+        if self.safety is not None:  # one more conditioning, after the concepts'
+            prompts.append(self.safety.concept)
         if getattr(p, "is_hr_pass", False):
             width, height = p.hr_upscale_to_x, p.hr_upscale_to_y
             hr_steps = getattr(p, "hr_second_pass_steps", 0) or p.steps
@@ -330,9 +360,11 @@ class Generation:
                             for s in row.schedules)
         longer = [i + 1 for i, schedule in enumerate(conds)
                   if max(token_count(s.cond) for s in schedule) > prompt_tokens]
+        names = [f"concept {i}" if i <= len(self.config.concepts) else "the safety concept"
+                 for i in longer]
         if longer:
-            reasons.append(f"concept {', '.join(map(str, longer))} is longer than the prompt "
-                           f"({prompt_tokens} tokens)")
+            reasons.append(f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} longer "
+                           f"than the prompt ({prompt_tokens} tokens)")
         # Extensions that read every row but the uncond ones, or split rows by position
         # (../shared/docs/extension-interplay.md): rows of ours would be misread there.
         for key, name in ROW_READING_EXTENSIONS.items():

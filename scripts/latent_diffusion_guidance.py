@@ -16,9 +16,12 @@ from ldg_core import MAX_CONCEPTS
 from ldg_core.hosts import NAMES as HOST_NAMES, detect_host, describe_host
 from ldg_core.paste import paste_from_params
 from ldg_core.presets import all_presets, find_preset, save_user_preset, user_presets_path
-from ldg_core.script_args import GLOBAL_OVERRIDES, settings_from_args
-from ldg_core.ui_args import (DIRECTIONS, GLOBAL_DEFAULTS, NEVER, SLOT_DEFAULTS, SLOT_FIELDS,
-                              MAX_ROWS_OPTION, args_from_config, config_from_args)
+from ldg_core.script_args import GLOBAL_OVERRIDES, SAFETY_OVERRIDES, settings_from_args
+from ldg_core.safety_config import PRESETS as SLD_PRESETS
+from ldg_core.ui_args import (DIRECTIONS, GLOBAL_DEFAULTS, NEVER, SAFETY_CONFIGS,
+                              SAFETY_DEFAULTS, SAFETY_NUMBERS, SAFETY_START, SLOT_DEFAULTS,
+                              SLOT_FIELDS, SLOTS_END, MAX_ROWS_OPTION, args_from_config,
+                              config_from_args, safety_from_args, safety_values)
 
 log = logging.getLogger("latent_diffusion_guidance")
 
@@ -95,10 +98,51 @@ class LatentDiffusionGuidanceScript(scripts.Script):
                 group, fields = self._slot_ui(slot, visible=slot < shown)
                 groups.append(group)
                 slots.extend(fields)
-        args = [enabled, momentum_scale, momentum_beta] + slots + [concept_maps]
+            safety = self._safety_ui()
+        args = [enabled, momentum_scale, momentum_beta] + slots + [concept_maps] + safety
         self._wire_presets(preset, preset_name, save, preset_status, args, groups)
         self._wire_paste(args, groups)
         return args
+
+    def _safety_ui(self):
+        """Safe Latent Diffusion's part: on/off, the configuration, the safety concept and
+        SLD's five numbers, in ui_args.SAFETY_FIELDS order."""
+        d = SAFETY_DEFAULTS
+
+        def ids(field):
+            return {"elem_id": self.elem_id(f"ldg_{field}"),
+                    "elem_classes": [f"ldg-{field.replace('_', '-')}"]}
+        with gr.Group(elem_classes=["ldg-slot", "ldg-sld"]):
+            with gr.Row(elem_classes=["ldg-row", "ldg-head"]):
+                on = gr.Checkbox(label="Safe Latent Diffusion", value=d["sld_enabled"], scale=0,
+                                 min_width=200, **ids("sld_enabled"))
+                config = gr.Dropdown(label="Configuration", choices=list(SAFETY_CONFIGS),
+                                     value=d["sld_config"], scale=1, **ids("sld_config"))
+            concept = gr.Textbox(label="Safety concept (steered away from)", lines=2,
+                                 value=d["sld_concept"], **ids("sld_concept"))
+            with gr.Row(elem_classes=["ldg-row", "ldg-numbers"]):
+                numbers = [
+                    gr.Number(label="SLD scale", value=d["sld_scale"], **ids("sld_scale")),
+                    gr.Number(label="SLD threshold", value=d["sld_threshold"],
+                              **ids("sld_threshold")),
+                    gr.Number(label="SLD warmup", value=d["sld_warmup"], precision=0,
+                              **ids("sld_warmup")),
+                    gr.Number(label="SLD momentum scale", value=d["sld_momentum_scale"],
+                              **ids("sld_momentum_scale")),
+                    gr.Slider(label="SLD momentum beta", minimum=0.0, maximum=1.0, step=0.01,
+                              value=d["sld_momentum_beta"], **ids("sld_momentum_beta"))]
+            gr.Markdown(
+                "Safe Latent Diffusion (SLD, arXiv 2211.05105) exactly as diffusers' "
+                "`StableDiffusionPipelineSafe` runs it; it adds to the concepts above. The "
+                "presets \"Safety: weak\" ... \"max\" are not SLD: they remove a concept of our "
+                "own wording with semantic guidance.", elem_classes=["ldg-status"])
+
+        def pick(name):  # a named configuration shows its numbers; custom keeps them
+            if name not in SLD_PRESETS:
+                return [gr.update()] * len(numbers)
+            return [gr.update(value=SLD_PRESETS[name][key]) for key in SAFETY_NUMBERS.values()]
+        config.change(fn=pick, inputs=[config], outputs=numbers, show_progress=False)
+        return [on, config, concept] + numbers
 
     def _slot_ui(self, slot, visible):
         d, n = SLOT_DEFAULTS, slot + 1
@@ -128,28 +172,38 @@ class LatentDiffusionGuidanceScript(scripts.Script):
                        weight]
 
     def _wire_presets(self, preset, preset_name, save, status, args, groups):
-        settings = args[1:-1]  # momentum scale, beta and every slot field
+        settings = args[1:SLOTS_END]  # momentum scale, beta and every slot field
+        safety = args[SAFETY_START:]  # Safe Latent Diffusion's fields
 
         def fill(name):
             if not name:
                 return [gr.update()] * (len(settings) + len(groups))
-            config = find_preset(name, presets()).config
+            found = find_preset(name, presets())
+            config = found.config
             values = args_from_config(config)[1:1 + len(settings)]
             shown = [gr.update(visible=True) if i < len(config.concepts) else gr.update()
                      for i in range(len(groups))]
-            return [gr.update(value=v) for v in values] + shown
-        preset.change(fn=fill, inputs=[preset], outputs=settings + groups, show_progress=False)
+            # A preset with an SLD part sets it; one without leaves SLD as it is.
+            sld = ([gr.update(value=v) for v in safety_values(found.safety)]
+                   if found.safety is not None else [gr.update()] * len(safety))
+            return [gr.update(value=v) for v in values] + shown + sld
+        preset.change(fn=fill, inputs=[preset], outputs=settings + groups + safety,
+                      show_progress=False)
 
         def store(name, *values):
             try:
-                config = config_from_args([True, *values])
-                if config is None:
-                    raise ValueError("a preset needs at least one concept with a prompt")
-                save_user_preset(presets_path(), name, config)
+                slots, sld = values[:len(settings)], values[len(settings):]
+                config = config_from_args([True, *slots])
+                whole = [True, *slots] + [False] * (SAFETY_START - SLOTS_END) + list(sld)
+                safety_config = safety_from_args(whole)
+                if config is None and safety_config is None:
+                    raise ValueError("a preset needs at least one concept with a prompt, or "
+                                     "Safe Latent Diffusion on")
+                save_user_preset(presets_path(), name, config, safety=safety_config)
             except ValueError as error:
                 return gr.update(), f"Not saved: {error}"
             return gr.update(choices=list(presets()), value=name.strip()), f"Saved {name.strip()!r}."
-        save.click(fn=store, inputs=[preset_name] + settings, outputs=[preset, status],
+        save.click(fn=store, inputs=[preset_name] + settings + safety, outputs=[preset, status],
                    show_progress=False)
 
     def _wire_paste(self, args, groups):
@@ -174,19 +228,23 @@ class LatentDiffusionGuidanceScript(scripts.Script):
         def shown(slot):
             return lambda params: gr.update(visible=True) if slot < paste(params).concepts \
                 else gr.update()
-        self.infotext_fields = ([(component, field(i)) for i, component in enumerate(args[:-1])]
+        pasted = [i for i in range(len(args)) if i < SLOTS_END or i >= SAFETY_START]
+        self.infotext_fields = ([(args[i], field(i)) for i in pasted]
                                 + [(group, shown(s)) for s, group in enumerate(groups)])
 
     def process(self, p, *args):
-        from ldg_core.webui_generation import INFOTEXT_KEY, SEPARATE_CALL_KEY, Generation
-        for key in (INFOTEXT_KEY, SEPARATE_CALL_KEY):  # ours, from an earlier X/Y/Z cell
+        from ldg_core.webui_generation import (INFOTEXT_KEY, SAFETY_KEY, SEPARATE_CALL_KEY,
+                                               Generation)
+        for key in (INFOTEXT_KEY, SAFETY_KEY, SEPARATE_CALL_KEY):  # ours, from an earlier cell
             p.extra_generation_params.pop(key, None)
         try:
             settings = settings_from_args(args, presets(), getattr(p, XYZ_ATTRIBUTE, None))
-            config, maps, error = settings.config, settings.concept_maps, None
+            config, maps, safety, error = (settings.config, settings.concept_maps,
+                                           settings.safety, None)
         except ValueError as bad:
-            config, maps, error = None, False, bad
-        Generation.attach(p, config, webui_modules(), _conds_cache, error, concept_maps=maps)
+            config, maps, safety, error = None, False, None, bad
+        Generation.attach(p, config, webui_modules(), _conds_cache, error, concept_maps=maps,
+                          safety=safety)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         from ldg_core.webui_generation import Generation
@@ -247,10 +305,13 @@ def add_concept_maps(p, processed, generation):
     arrays = [np.asarray(image.convert("RGB")) for image in pictures]
     concepts = generation.config.concepts
     for image_index, concept_index, overlay in generation.concept_map_overlays(arrays):
-        concept = concepts[concept_index]
         picture = Image.fromarray(overlay)
-        direction = "remove" if concept.reverse else "add"
-        label = f"concept {concept_index + 1}: {direction} {concept.prompt[:40]!r}"
+        if concept_index < len(concepts):
+            concept = concepts[concept_index]
+            direction = "remove" if concept.reverse else "add"
+            label = f"concept {concept_index + 1}: {direction} {concept.prompt[:40]!r}"
+        else:  # Safe Latent Diffusion's term, where its mask acted
+            label = f"safety: {generation.safety.concept[:40]!r}"
         ImageDraw.Draw(picture).text((4, 4), label, fill=(255, 255, 255), stroke_width=2,
                                      stroke_fill=(0, 0, 0))
         processed.images.append(picture)
@@ -300,6 +361,13 @@ def add_xyz_axes():
         label = "[LDG] " + key.replace("_", " ").capitalize()
         options.append(xyz.AxisOption(label, types.get(key, str), set_override(key),
                                       choices=choices.get(key)))
+    sld_types = {"sld_config": str, "sld_warmup": int}
+    for key in SAFETY_OVERRIDES:  # Safe Latent Diffusion: "[LDG] SLD configuration", ...
+        label = "[LDG] SLD " + ("configuration" if key == "sld_config" else
+                                key[len("sld_"):].replace("_", " "))
+        options.append(xyz.AxisOption(label, sld_types.get(key, float), set_override(key),
+                                      choices=(lambda: list(SAFETY_CONFIGS))
+                                      if key == "sld_config" else None))
     for slot in range(visible_slots()):
         for field in SLOT_FIELDS[1:]:
             options.append(xyz.AxisOption(f"[LDG] Concept {slot + 1} {field}", types[field],

@@ -62,7 +62,7 @@ def test_accordion_in_chromium(page):
     variable, venv, requirements, version = PAGES[page]
     seen = run_driver(variable, venv, requirements)
     assert seen["gradio"] == version
-    assert seen["argument_count"] == 3 + 10 * SLOT + 1
+    assert seen["argument_count"] == 3 + 10 * SLOT + 1 + 8  # + Safe Latent Diffusion's 8
     assert seen["closed_by_default"] is True
     assert seen["slots_visible"] == [True] * 3 + [False] * 7  # the Settings count, 3
 
@@ -72,14 +72,15 @@ def test_accordion_in_chromium(page):
     assert slot(filled, 1, "prompt") == "glasses, round, (gold:1.2)"
     assert slot(filled, 1, "direction") == "remove"
     assert slot(filled, 1, "scale") == 7.5
-    assert filled[-1] is True  # "Show where each concept acted"
+    assert filled[3 + 10 * SLOT] is True  # "Show where each concept acted"
+    assert filled[3 + 10 * SLOT + 1:3 + 10 * SLOT + 3] == [False, "medium"]  # SLD off
     settings = settings_from_args(filled, BUILTIN_PRESETS)  # what process() makes of them
     assert [(c.prompt, c.reverse, c.scale) for c in settings.config.concepts] == [
         ("glasses, round, (gold:1.2)", True, 7.5)]
     assert settings.concept_maps is True
 
     expected = tooltips()
-    assert len(expected) == 14 and expected["ldg-scale"] == "How hard the concept pushes."
+    assert len(expected) == 22 and expected["ldg-scale"] == "How hard the concept pushes."
     for name, text in expected.items():  # every control of that kind carries it, and only it
         assert seen["tooltips"].get(name) == [text], name
     assert seen["scrolling_sideways"] == []  # nothing in a slot clipped behind a scrollbar

@@ -13,6 +13,7 @@ from tests.webui_harness import webui_state  # noqa: F401 (autouse: a fresh doub
 from tests.webui_double.model import TinySD
 from ldg_core import Concept, GuidanceConfig, SemanticGuidance
 from ldg_core.concept_maps import ConceptMapRecorder, batch_overlays, combine, overlay
+from ldg_core.ui_args import SLOTS_END
 from modules import script_callbacks, shared
 
 
@@ -88,7 +89,7 @@ def test_maps_of_a_generation_and_free_when_off():
     p_kwargs = {"sampler_name": "Euler", "steps": 6, "batch_size": 2, "n_iter": 2}
     args = h.script_args(concepts)
     p_off, off = h.generate(p_kwargs, args)
-    args[-1] = True
+    args[SLOTS_END] = True  # concept_maps
     p_on, on = h.generate(p_kwargs, args)
     assert torch.equal(off, on)  # recording never changes the image
     generation_off = p_off.latent_diffusion_guidance
@@ -106,7 +107,7 @@ def test_maps_of_a_generation_and_free_when_off():
 
 def test_postprocess_adds_one_map_per_image_and_concept_to_the_gallery():
     args = h.script_args([{"prompt": "glasses", "warmup": 0}, {"prompt": "hat", "warmup": 0}])
-    args[-1] = True
+    args[SLOTS_END] = True  # concept_maps
     p, _ = h.generate({"sampler_name": "Euler", "steps": 4, "batch_size": 2}, args)
     grid = Image.new("RGB", (128, 64))
     pictures = [Image.new("RGB", (64, 64), (90, 90, 90)) for _ in range(2)]
@@ -116,3 +117,26 @@ def test_postprocess_adds_one_map_per_image_and_concept_to_the_gallery():
     assert len(processed.images) == 3 + 2 * 2
     assert processed.infotexts[3:] == ["image 1", "image 1", "image 2", "image 2"]
     assert all(image.size == (64, 64) for image in processed.images[3:])
+
+
+def test_the_safety_term_gets_a_map_where_its_mask_acted(monkeypatch):
+    from ldg_core import SafetyConfig
+    safety = SafetyConfig(concept="glasses", scale=60.0, threshold=0.05, warmup=2)
+    args = h.script_args([{"prompt": "hat", "warmup": 0}], safety=safety)
+    p_kwargs = {"sampler_name": "Euler", "steps": 5}
+    _, off = h.generate(p_kwargs, args)
+    args[SLOTS_END] = True  # concept_maps
+    p, on = h.generate(p_kwargs, args)
+    assert torch.equal(off, on)
+    recorder = p.latent_diffusion_guidance.map_batches[0][0]
+    assert recorder.calls == {0: 5, 1: 5 - 2}  # the safety term from its warmup on
+    hits = recorder.hits[1]
+    assert 0 < float(hits.min()) or float(hits.max()) > 0  # it acted somewhere
+    processed = SimpleNamespace(images=[Image.new("RGB", (64, 64))], index_of_first_image=0,
+                                infotexts=["image"])
+    labels = []
+    monkeypatch.setattr("PIL.ImageDraw.ImageDraw.text",
+                        lambda self, xy, text, **kwargs: labels.append(text))
+    h.SCRIPT_MODULE.LatentDiffusionGuidanceScript().postprocess(p, processed, *args)
+    assert len(processed.images) == 1 + 2
+    assert labels == ["concept 1: add 'hat'", "safety: 'glasses'"]

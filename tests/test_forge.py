@@ -15,6 +15,7 @@ from tests import test_webui_paths as paths
 from tests.test_webui_paths import CONCEPTS, LONG_CONCEPT, guided
 from tests.webui_double.model import TinySD
 from tests.webui_reference import ReferenceGuidance
+from ldg_core import SafetyConfig
 from ldg_core.forge import ForgeFunctions
 from modules import script_callbacks, shared
 
@@ -69,8 +70,25 @@ class ForgeReference(ReferenceGuidance):
                     else {"c_crossattn": [text.expand(b, -1, -1)]})
             estimates.append(eps(args["model"](x, sigma, cond=cond)))
         index = self._index(denoiser, sigma[0])
-        edit = self.guidance.step(step=index, uncond=eps(args["uncond_denoised"]),
-                                  cond=eps(args["cond_denoised"]), concepts=torch.stack(estimates))
+        uncond, cond = eps(args["uncond_denoised"]), eps(args["cond_denoised"])
+        edit = (self.guidance.step(step=index, uncond=uncond, cond=cond,
+                                   concepts=torch.stack(estimates))
+                if estimates else torch.zeros_like(uncond))
+        if self.safety is not None:  # Safe Latent Diffusion: its concept alone, every call
+            text = shared.sd_model.get_learned_conditioning([self.safety_config.concept])
+            condition = ({"c_crossattn": [text["crossattn"].expand(b, -1, -1)],
+                          "vector": text["vector"].expand(b, -1)} if isinstance(text, dict)
+                         else {"c_crossattn": [text.expand(b, -1, -1)]})
+            safety = eps(args["model"](x, sigma, cond=condition))
+            # The prompt's estimate the host's CFG scales: AND sub-prompts are averaged by
+            # strength and the difference scaled by the strengths' sum, in the host's x0 space
+            # (SLD's mask and clamp are not continuous, so the rounding must be the host's).
+            strength = sum(entry.get("strength", 1.0) for entry in args["cond"])
+            u, c = args["uncond_denoised"], args["cond_denoised"]
+            prompt = eps(u + (c - u) * strength) if abs(strength - 1) > 1e-9 else cond
+            scale = args.get("cond_scale", denoiser.sampler.sampler_extra_args["cond_scale"])
+            edit = edit + self.safety.step(step=index, uncond=uncond, cond=prompt,
+                                           safety=safety, guidance_scale=scale)
         edit = -sigma.view(-1, 1, 1, 1) * edit
         if denoiser.mask is not None:
             edit = edit * denoiser.nmask
@@ -246,3 +264,48 @@ def test_and_prompts_are_weighted_entries_of_the_prompt_slot(forge):
     forge.model.calls.clear()
     guided(p_kwargs)
     assert forge.model.calls == [2, 2, 2, 4] * 6  # two prompt entries, the negative, concepts
+
+
+# -- Safe Latent Diffusion: the safety concept is one more concept in our call ---------------
+
+MASK = torch.zeros(1, 1, 8, 8)
+MASK[..., :4] = 1.0  # the left half is preserved
+SLD = SafetyConfig(concept="glasses", scale=60.0, threshold=0.05, warmup=2,
+                   momentum_scale=0.3, momentum_beta=0.4)
+
+
+def assert_sld_as_reference(p_kwargs, concepts=(), reference=None):
+    reference = reference or ForgeReference
+    _, ours = h.generate(p_kwargs, h.script_args(list(concepts), safety=SLD))
+    expected = h.generate(p_kwargs, None, extra_scripts=[
+        (reference(paths.config_of(list(concepts)), SLD), [])])[1]
+    assert (ours - h.generate(p_kwargs)[1]).abs().max() > 1e-3
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p_kwargs, concepts", [
+    ({"sampler_name": "Euler", "steps": 8}, ()),
+    ({"sampler_name": "DDIM", "steps": 8}, CONCEPTS),
+    ({"sampler_name": "Heun", "steps": 6, "batch_size": 2, "prompt": "a cat AND a dog :0.5"},
+     CONCEPTS[:1]),
+    ({"sampler_name": "Euler", "steps": 8, "enable_hr": True, "hr_scale": 2,
+      "hr_second_pass_steps": 4, "denoising_strength": 0.6}, CONCEPTS[:1]),
+    ({"sampler_name": "DPM++ 2M", "steps": 10, "denoising_strength": 0.6, "mask": MASK,
+      "nmask": 1 - MASK, "init_latent": torch.randn(
+          1, 4, 8, 8, generator=torch.Generator().manual_seed(5))}, ()),
+], ids=["alone", "with-concepts", "and-batch", "hires", "inpainting"])
+def test_sld_matches_the_reference(p_kwargs, concepts, forge):
+    assert_sld_as_reference(p_kwargs, concepts)
+
+
+def test_sld_joins_the_concepts_call(forge):
+    h.generate({"sampler_name": "Euler", "steps": 4, "batch_size": 2},
+               h.script_args(CONCEPTS[:1], safety=SLD))
+    # cond and uncond, then one call: the concept and the safety concept, two images each.
+    assert forge.model.calls == [2, 2, 4] * 4
+
+
+def test_sld_with_sdxl_conditioning(monkeypatch):
+    shared.sd_model = TinySD(sdxl=True)
+    forge_double.install(monkeypatch, shared.sd_model)
+    assert_sld_as_reference({"sampler_name": "Euler", "steps": 6, "batch_size": 2}, CONCEPTS[:1])

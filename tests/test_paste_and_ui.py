@@ -12,6 +12,8 @@ import pytest
 from tests import webui_harness as h
 from tests.webui_double.model import TinySD
 from ldg_core.presets import BUILTIN_PRESETS
+from ldg_core import SafetyConfig
+from ldg_core.ui_args import SAFETY_START, SLOTS_END, default_args
 from modules import infotext_utils, paths_internal, script_callbacks, scripts, shared
 
 KEY = "Latent Diffusion Guidance"
@@ -52,6 +54,11 @@ def pasted(script, components, infotext):
     return values, updates
 
 
+def settings_and_safety(args):
+    """What the Save preset button sends: momentum, slots, then Safe Latent Diffusion's part."""
+    return args[1:SLOTS_END] + args[SAFETY_START:]
+
+
 def set_values(components, values):
     for component, value in zip(components, values):
         component.value = value
@@ -74,7 +81,8 @@ def test_paste_round_trip_through_the_webui_writer_and_parser(count):
     set_values(components, h.script_args([], enabled=False))  # a fresh UI
     values, _ = pasted(script, components, infotext)
     expected = list(args)
-    expected[-1] = None  # "Show where each concept acted" is not an image parameter
+    expected[SLOTS_END] = None  # "Show where each concept acted" is not an image parameter
+    expected[SAFETY_START + 1:] = [None] * (len(expected) - SAFETY_START - 1)  # SLD off: kept
     assert values == expected
 
 
@@ -107,8 +115,9 @@ def test_parameters_of_an_image_made_without_the_extension_paste_as_disabled():
     script, components = build_ui()
     set_values(components, h.script_args([{"prompt": "hat"}]))
     values, _ = pasted(script, components, infotext)
-    assert values[0] is False
-    assert values[1:] == [None] * (len(components) - 1)  # the rest as it was
+    assert values[0] is False and values[SAFETY_START] is False
+    del values[SAFETY_START]
+    assert values[1:] == [None] * (len(components) - 2)  # the rest as it was
 
 
 def test_a_malformed_value_leaves_the_fields_and_warns_once(caplog):
@@ -168,14 +177,14 @@ def test_user_presets_are_saved_outside_the_extension_and_offered(recording_bloc
     script, components = build_ui()
     save = next(b for b in recording_blocks if b.args[:1] == ("Save preset",))
     _, store, inputs, outputs = event(save, "click")
-    values = h.script_args([{"prompt": "neon lights", "scale": 6}])[1:-1]
+    values = settings_and_safety(h.script_args([{"prompt": "neon lights", "scale": 6}]))
     dropdown_update, message = store("My neon", *values)
     assert dropdown_update["value"] == "My neon" and "My neon" in dropdown_update["choices"]
     saved = json.loads((tmp_path / "latent_diffusion_guidance_presets.json").read_text())
     assert saved["presets"]["My neon"]["concepts"][0]["prompt"] == "neon lights"
     _, refused = store("Style transfer", *values)
     assert refused.startswith("Not saved") and "built-in" in refused
-    _, empty = store("Nothing", *h.script_args([])[1:-1])
+    _, empty = store("Nothing", *settings_and_safety(h.script_args([])))
     assert empty.startswith("Not saved")
 
 
@@ -204,7 +213,10 @@ def test_xyz_axes_and_a_cell_writes_what_it_used(monkeypatch):
     labels = [o.label for o in xyz.axis_options]
     assert labels[:4] == ["[LDG] Enabled", "[LDG] Momentum scale", "[LDG] Momentum beta",
                           "[LDG] Preset"]
-    assert len(labels) == 4 + 3 * 7  # three slots shown by default, seven fields each
+    assert labels[4:10] == ["[LDG] SLD configuration", "[LDG] SLD scale", "[LDG] SLD threshold",
+                            "[LDG] SLD warmup", "[LDG] SLD momentum scale",
+                            "[LDG] SLD momentum beta"]
+    assert len(labels) == 4 + 6 + 3 * 7  # three slots shown by default, seven fields each
     axis = {o.label: o for o in xyz.axis_options}
 
     # The grid's cells are shallow copies of one processing object (xyz_grid.py L711).
@@ -247,3 +259,117 @@ def test_a_bad_api_dict_stops_the_generation_with_a_message_naming_it():
                                          r"threshold must be a number in \[0, 1\], got 2"):
         h.generate({"sampler_name": "Euler", "steps": 4},
                    [data] + h.script_args(enabled=False)[1:])
+
+
+# -- Safe Latent Diffusion's part ----------------------------------------------------------------
+
+SLD_KEY = "Safe Latent Diffusion"
+
+
+@pytest.mark.parametrize("safety, written", [
+    (SafetyConfig.preset("medium"), "medium"),
+    (SafetyConfig.preset("strong", 'violence, "gore": blood\nline two'),
+     'strong "violence, \\"gore\\": blood\\nline two"'),
+    (SafetyConfig(concept="weapons", scale=1500, threshold=0.02, warmup=8),
+     'custom "weapons" scale=1500 threshold=0.02 warmup=8 momentum=0.3 beta=0.4')])
+@pytest.mark.parametrize("concepts", [[], ROUND_TRIP_CONCEPTS[:2]])
+def test_sld_parameters_are_written_and_paste_back(safety, written, concepts):
+    args = h.script_args(concepts, safety=safety)
+    p, infotext = image_parameters(args)
+    assert p.extra_generation_params[SLD_KEY] == written
+    assert (KEY in p.extra_generation_params) == bool(concepts)
+    script, components = build_ui()
+    set_values(components, h.script_args([{"prompt": "hat"}], enabled=False))
+    values, _ = pasted(script, components, infotext)
+    expected = list(args)
+    expected[SLOTS_END] = None
+    assert values == expected
+
+
+def test_an_image_without_sld_pastes_sld_off_and_a_bad_value_changes_nothing(caplog):
+    _, infotext = image_parameters(h.script_args([{"prompt": "glasses"}]))
+    script, components = build_ui()
+    set_values(components, h.script_args([], safety=SafetyConfig.preset("max")))
+    values, _ = pasted(script, components, infotext)
+    assert values[0] is True and values[SAFETY_START] is False
+    bad = 'a cat\nSteps: 20, Sampler: Euler, Safe Latent Diffusion: "custom scale=2"'
+    with caplog.at_level(logging.WARNING, logger="latent_diffusion_guidance"):
+        values, _ = pasted(script, components, bad)
+    assert values == [None] * len(components)
+    assert "threshold is missing" in caplog.records[-1].getMessage()
+
+
+def test_sld_part_of_the_ui_and_its_configuration_fills_the_numbers(recording_blocks):
+    script, components = build_ui()
+    assert [c.value for c in components[SAFETY_START:]] == default_args()[SAFETY_START:]
+    config = next(b for b in recording_blocks if b.kwargs.get("label") == "Configuration")
+    assert config.kwargs["choices"] == ["weak", "medium", "strong", "max", "custom"]
+    _, pick, _, outputs = event(config, "change")
+    assert [u["value"] for u in pick("max")] == [5000.0, 1.0, 0, 0.5, 0.7]
+    assert outputs == components[SAFETY_START + 3:]
+    assert pick("custom") == [{"__type__": "update"}] * 5
+    info = [b for b in recording_blocks if "are not SLD" in str(b.args[:1])]
+    assert info, "the SLD part says that the SEGA Safety presets are not SLD"
+
+
+def test_presets_carry_the_sld_part(recording_blocks, tmp_path):
+    script, components = build_ui()
+    save = next(b for b in recording_blocks if b.args[:1] == ("Save preset",))
+    _, store, _, _ = event(save, "click")
+    safety = SafetyConfig.preset("strong", "weapons")
+    _, message = store("Safe neon", *settings_and_safety(
+        h.script_args([{"prompt": "neon"}], safety=safety)))
+    assert message == "Saved 'Safe neon'."
+    _, message = store("Only SLD", *settings_and_safety(h.script_args([], safety=safety)))
+    assert message == "Saved 'Only SLD'."
+    saved = json.loads((tmp_path / "latent_diffusion_guidance_presets.json").read_text())
+    assert saved["presets"]["Safe neon"]["safety"]["concept"] == "weapons"
+    dropdown = next(b for b in recording_blocks if b.kwargs.get("label") == "Preset")
+    _, fill, _, outputs = event(dropdown, "change")
+    by_output = {id(o): u for o, u in zip(outputs, fill("Safe neon"))}
+    assert [by_output[id(c)]["value"] for c in components[SAFETY_START:]] == \
+        h.script_args([], safety=safety)[SAFETY_START:]
+    by_output = {id(o): u for o, u in zip(outputs, fill("Style transfer"))}  # no SLD part
+    assert all(by_output[id(c)] == {"__type__": "update"} for c in components[SAFETY_START:])
+    # the API's dict form and the X/Y/Z preset axis take the preset's SLD part too
+    settings = h.SCRIPT_MODULE.settings_from_args([{"preset": "Only SLD"}],
+                                                  h.SCRIPT_MODULE.presets())
+    assert settings.safety == safety and settings.config is None
+
+
+def test_sld_xyz_axes_write_what_each_cell_used(monkeypatch):
+    xyz = SimpleNamespace(AxisOption=_Axis, axis_options=[])
+    monkeypatch.setattr(scripts, "scripts_data", [SimpleNamespace(
+        script_class=type("Script", (), {"__module__": "xyz_grid.py"}), module=xyz)])
+    h.SCRIPT_MODULE.add_xyz_axes()
+    axis = {o.label: o for o in xyz.axis_options}
+    assert axis["[LDG] SLD configuration"].kwargs["choices"]() == [
+        "weak", "medium", "strong", "max", "custom"]
+    base = SimpleNamespace(extra_generation_params={}, sampler_name="Euler", enable_hr=False,
+                           sample=None)
+    args = h.script_args([])  # guidance on, no concept, SLD off: the axes switch SLD on
+    written = []
+    for name, scale in [("weak", None), ("strong", None), ("strong", 300.0)]:
+        cell = copy.copy(base)
+        axis["[LDG] SLD configuration"].apply(cell, name, [])
+        if scale is not None:
+            axis["[LDG] SLD scale"].apply(cell, scale, [])
+        h.SCRIPT_MODULE.LatentDiffusionGuidanceScript().process(cell, *args)
+        written.append(cell.extra_generation_params[SLD_KEY])
+    assert written == ["weak", "strong", "custom scale=300 threshold=0.025 warmup=7 "
+                                         "momentum=0.5 beta=0.7"]
+
+
+def test_api_safety_key_generates_like_the_positional_sld_part():
+    p_kwargs = {"sampler_name": "Euler", "steps": 5}
+    safety = SafetyConfig(concept="glasses", scale=60.0, threshold=0.05, warmup=1)
+    data = {"concepts": [{"prompt": "hat", "scale": 20, "warmup": 0}],
+            "safety": {"concept": "glasses", "scale": 60, "threshold": 0.05, "warmup": 1}}
+    positional = h.script_args([{"prompt": "hat", "scale": 20, "warmup": 0}], safety=safety)
+    p_dict, by_dict = h.generate(p_kwargs, [data] + h.script_args(enabled=False)[1:])
+    p_pos, by_position = h.generate(p_kwargs, positional)
+    assert h.torch.equal(by_dict, by_position)
+    assert p_dict.extra_generation_params[SLD_KEY] == p_pos.extra_generation_params[SLD_KEY]
+    with pytest.raises(ValueError, match=r"Latent Diffusion Guidance: safety: threshold must be "
+                                         r"a finite number, got 'x'"):
+        h.generate(p_kwargs, [{"safety": {"threshold": "x"}}] + h.script_args(enabled=False)[1:])

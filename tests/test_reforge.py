@@ -196,3 +196,12 @@ def test_other_failures_in_the_joined_call_stay_the_hosts(reforge, monkeypatch):
     monkeypatch.setattr(h.SCRIPT_MODULE, "forge_functions", lambda: reforge_functions(failing))
     with pytest.raises(RuntimeError, match="a neighbour's patch broke"):
         guided({"sampler_name": "Euler", "steps": 4})
+
+
+@pytest.mark.parametrize("p_kwargs", [
+    {"sampler_name": "Euler", "steps": 8},
+    {"sampler_name": "Heun", "steps": 6, "enable_hr": True, "hr_scale": 2,
+     "hr_second_pass_steps": 4, "denoising_strength": 0.6, "hr_cfg": 5.0}], ids=["txt2img", "hires"])
+def test_sld_with_concepts_matches_the_reference(p_kwargs, reforge):
+    from tests.test_forge import assert_sld_as_reference
+    assert_sld_as_reference(p_kwargs, CONCEPTS[:1], ReForgeReference)

@@ -41,7 +41,7 @@ def test_positional_layout_of_the_readme():
 
 def test_concept_maps_is_the_argument_after_the_ten_slots():
     args = script_args([{"prompt": "glasses"}])
-    assert len(args) == 3 + 10 * 8 + 1
+    assert len(args) == 3 + 10 * 8 + 1 + 8  # + Safe Latent Diffusion's part, appended
     args[3 + 10 * 8] = True
     assert parse(args).concept_maps is True
     args[0] = False  # disabled: nothing to map
@@ -174,3 +174,82 @@ def test_axis_values_on_top_of_the_dict_form():
 def test_bad_axis_values_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         parse(script_args([{"prompt": "glasses"}]), overrides)
+
+
+# -- Safe Latent Diffusion -----------------------------------------------------------------------
+
+SLD_TEXT = ("an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, "
+            "sexual, nudity, bodily fluids, blood, obscene gestures, illegal activity, drug use, "
+            "theft, vandalism, weapons, child abuse, brutality, cruelty")
+
+
+def test_sld_positional_part_after_concept_maps():
+    # arguments 85-92 of the README: on/off, configuration, concept, five numbers
+    base = [True, 0.1, 0.4] + [True, "", "add", 5, 0.9, 10, -1, 1] * 10 + [False]
+    settings = parse(base + [True, "strong", "weapons", 1, 2, 3, 4, 0.5])
+    assert settings.config is None
+    assert (settings.safety.concept, settings.safety.scale, settings.safety.threshold,
+            settings.safety.warmup, settings.safety.momentum_scale,
+            settings.safety.momentum_beta) == ("weapons", 2000, 0.025, 7, 0.5, 0.7)
+    custom = parse(base + [True, "custom", "weapons", 1500, 0.02, 8, 0.3, 0.4]).safety
+    assert (custom.scale, custom.threshold, custom.warmup) == (1500, 0.02, 8)
+    assert parse(base + [False, "strong", "weapons"]).safety is None  # SLD off
+    assert parse([False] + base[1:] + [True, "strong"]).safety is None  # guidance off
+    assert parse(base).safety is None  # the 84-argument layout: SLD off
+    assert parse(base + [True]).safety.concept == SLD_TEXT  # trailing defaults: medium
+
+
+@pytest.mark.parametrize("sld, message", [
+    ([True, "mild"], "Safe Latent Diffusion: configuration must be one of weak, medium, "
+                     "strong, max, custom, got 'mild'"),
+    ([True, "medium", "  "], "Safe Latent Diffusion: the safety concept is empty"),
+    ([True, "custom", "x", -5], "Safe Latent Diffusion: scale must be a finite number >= 0, "
+                                "got -5"),
+    ([True, "custom", "x", 5, 0.1, 1.5], "Safe Latent Diffusion: warmup must be an integer"),
+    ([True, "custom", "x", 5, 0.1, 1, 0, 2], "Safe Latent Diffusion: momentum_beta must be a "
+                                             "number in \\[0, 1\\]")])
+def test_sld_positional_errors_name_the_field(sld, message):
+    base = [True, 0.1, 0.4] + [True, "", "add", 5, 0.9, 10, -1, 1] * 10 + [False]
+    with pytest.raises(ValueError, match=message):
+        parse(base + sld)
+
+
+def test_sld_dict_form():
+    strong = parse(api_args({"safety": {"config": "strong"}})).safety
+    assert (strong.scale, strong.warmup, strong.concept) == (2000, 7, SLD_TEXT)
+    assert parse(api_args({"safety": "max"})).safety.scale == 5000
+    assert parse(api_args({"safety": {}})).safety.scale == 1000  # medium, SLD's default
+    tuned = parse(api_args({"safety": {"config": "strong", "warmup": 3, "concept": "gore"}}))
+    assert (tuned.safety.scale, tuned.safety.warmup, tuned.safety.concept) == (2000, 3, "gore")
+    assert parse(api_args({"safety": {"enabled": False}})).safety is None
+    both = parse(api_args({"concepts": [{"prompt": "hat"}], "safety": "weak"}))
+    assert both.config.concepts[0].prompt == "hat" and both.safety.scale == 20
+    assert parse(api_args({"enabled": False, "safety": "weak"})).safety is None
+
+
+@pytest.mark.parametrize("safety, message", [
+    ({"beta": 0.4}, "unknown key 'beta' in safety; allowed keys are enabled, config, concept, "
+                    "scale, threshold, warmup, momentum_scale, momentum_beta"),
+    ({"config": "mild"}, "safety: config must be one of weak, medium, strong, max, custom"),
+    ({"config": "custom", "scale": 30}, "safety: a custom config needs every number; "
+                                        "'threshold' is missing"),
+    ({"scale": "5"}, "safety: scale must be a finite number >= 0, got '5'"),
+    ({"concept": ""}, "safety: concept is empty"),
+    ({"enabled": "yes"}, "safety: enabled must be true or false"),
+    (5, "safety must be an object")])
+def test_sld_dict_errors_name_what_is_wrong(safety, message):
+    with pytest.raises(ValueError, match=message):
+        parse(api_args({"safety": safety}))
+
+
+def test_sld_axes_switch_sld_on_and_numbers_make_it_custom():
+    args = script_args([{"prompt": "glasses"}])
+    assert parse(args, {"sld_config": "max"}).safety.scale == 5000
+    cell = parse(args, {"sld_config": "weak", "sld_warmup": 3}).safety
+    assert (cell.scale, cell.warmup, cell.preset_name) == (20, 3, "custom")
+    assert parse(args, {"sld_momentum_beta": 0.9}).safety.momentum_beta == 0.9
+    on_dict = parse(api_args({"concepts": [{"prompt": "hat"}], "safety": "strong"}),
+                    {"sld_scale": 10})
+    assert on_dict.safety.scale == 10 and on_dict.safety.warmup == 7
+    with pytest.raises(ValueError, match="SLD configuration must be one of"):
+        parse(args, {"sld_config": "extreme"})

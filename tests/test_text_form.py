@@ -108,3 +108,31 @@ def test_damaged_text_is_refused_or_read_faithfully(config, data):
     # If it parses, it parses as what the damaged text says, which writes back the same way
     # up to how numbers are spelled.
     assert from_text(to_text(parsed)) == parsed
+
+
+# -- Safe Latent Diffusion's parameter -----------------------------------------------------------
+
+def test_safety_text_round_trips_and_names_the_configuration():
+    from ldg_core import SafetyConfig
+    from ldg_core.text_form import safety_from_text, safety_to_text
+    cases = {SafetyConfig.preset("medium"): "medium",
+             SafetyConfig.preset("max", 'a "b", c\nd'): 'max "a \\"b\\", c\\nd"',
+             SafetyConfig(concept="x", scale=1500, warmup=3):
+                 'custom "x" scale=1500 threshold=0.01 warmup=3 momentum=0.3 beta=0.4',
+             SafetyConfig(scale=20.0, threshold=0.0, warmup=15, momentum_scale=0.0,
+                          momentum_beta=0.0): "weak"}
+    for config, text in cases.items():
+        assert safety_to_text(config) == text
+        assert safety_from_text(text) == config
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "must start with one of weak, medium, strong, max, custom"),
+    ("medium scale=3", "numbers follow 'custom' only"),
+    ("custom scale=2", "threshold is missing"),
+    ('custom "x" scale=2 threshold=1 warmup=-1 momentum=0 beta=0', "warmup must be an integer"),
+    ('strong "unterminated', "bad quoted prompt")])
+def test_bad_safety_text_says_what_is_wrong(text, message):
+    from ldg_core.text_form import safety_from_text
+    with pytest.raises(ValueError, match="Safe Latent Diffusion settings .*" + message):
+        safety_from_text(text)

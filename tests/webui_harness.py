@@ -15,7 +15,8 @@ from modules import processing, script_callbacks, scripts, shared  # noqa: E402
 
 from tests.webui_double.model import TinySD  # noqa: E402
 
-from ldg_core.ui_args import GLOBAL_FIELDS, SLOT_FIELDS, default_args  # noqa: E402
+from ldg_core.ui_args import (GLOBAL_FIELDS, SAFETY_FIELDS, SAFETY_START, SLOT_FIELDS,  # noqa: E402
+                              default_args, safety_values)
 
 
 def load_script_module():
@@ -30,10 +31,14 @@ def load_script_module():
 SCRIPT_MODULE = load_script_module()
 
 
-def script_args(concepts=(), enabled=True, momentum_scale=0.1, momentum_beta=0.4):
-    """The positional args ui() would give: concepts is a list of dicts of slot fields."""
+def script_args(concepts=(), enabled=True, momentum_scale=0.1, momentum_beta=0.4,
+                safety=None):
+    """The positional args ui() would give: concepts is a list of dicts of slot fields;
+    safety a SafetyConfig (Safe Latent Diffusion on) or None."""
     args = default_args()
     args[:len(GLOBAL_FIELDS)] = [enabled, momentum_scale, momentum_beta]
+    if safety is not None:
+        args[SAFETY_START:SAFETY_START + len(SAFETY_FIELDS)] = safety_values(safety)
     for slot, fields in enumerate(concepts):
         start = len(GLOBAL_FIELDS) + slot * len(SLOT_FIELDS)
         for key, value in fields.items():

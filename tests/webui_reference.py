@@ -4,10 +4,15 @@ It runs as a plain set of callbacks on the test double, with our script absent: 
 is evaluated in a model call of its own (no rows are added to the WebUI's batch), the step
 index comes from the sampler's own step reports and the noise level where a pass starts, and
 SemanticGuidance is applied directly. Nothing of ldg_core.webui_adapter is used.
+
+With a SafetyConfig, Safe Latent Diffusion too: its concept evaluated alone at every call,
+SafetyGuidance applied directly with the CFG scale the sampler hands the denoiser, on the
+prompt's estimate the WebUI's CFG scales (for AND prompts uncond + sum_i w_i (cond_i - uncond)),
+its edit added to SEGA's.
 """
 import torch
 
-from ldg_core import GuidanceConfig, SemanticGuidance
+from ldg_core import GuidanceConfig, SafetyGuidance, SemanticGuidance
 from modules import script_callbacks, sd_samplers_common, shared, sd_samplers_timesteps
 
 
@@ -26,8 +31,9 @@ def _rows(cond, count):
 
 
 class ReferenceGuidance:
-    def __init__(self, config: GuidanceConfig):
+    def __init__(self, config: GuidanceConfig, safety=None):
         self.config, self.p = config, None
+        self.safety_config, self.safety = safety, None
         self.guidance = None
         self.reports_at_last_call = 0
         self.offset = None
@@ -40,6 +46,7 @@ class ReferenceGuidance:
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         self.guidance = SemanticGuidance(self.config)
+        self.safety = SafetyGuidance(self.safety_config) if self.safety_config else None
         self.reports_at_last_call = 0
         self.offset = None
         self.calls = 0
@@ -141,8 +148,26 @@ class ReferenceGuidance:
             text = _pad(text, call["tokens"], empty)
             estimates.append(self._evaluate(denoiser, _rows(text, b)))
         index = self._index(denoiser, call["sigma"][0])
-        call["edit"] = self.guidance.step(step=index, uncond=uncond, cond=cond,
-                                          concepts=torch.stack(estimates))
+        call["edit"] = (self.guidance.step(step=index, uncond=uncond, cond=cond,
+                                           concepts=torch.stack(estimates))
+                        if estimates else torch.zeros_like(uncond))
+        if self.safety is not None:
+            batch = denoiser.sampler.sampler_extra_args["cond"].batch
+            # Combined in the model's output space, as combine_denoised does at scale 1: SLD's
+            # mask and clamp are not continuous, so the rounding must be the WebUI's.
+            prompt = out[-b:].clone()
+            for i, rows in enumerate(batch):
+                for j, row in enumerate(rows):
+                    prompt[i] += (out[first[i] + j] - out[-b:][i]) * row.weight
+            prompt = self._eps(prompt, denoiser, call["x"], call["sigma"])
+            if all(len(rows) == 1 and rows[0].weight == 1 for rows in batch):
+                prompt = cond
+            text = model.get_learned_conditioning([self.safety_config.concept])
+            safety = self._evaluate(denoiser, _rows(_pad(text, call["tokens"], empty), b))
+            scale = (denoiser.sampler.sampler_extra_args["cond_scale"]
+                     * denoiser.cond_scale_miltiplier)
+            call["edit"] = call["edit"] + self.safety.step(
+                step=index, uncond=uncond, cond=prompt, safety=safety, guidance_scale=scale)
 
     def on_after_cfg(self, params):
         call = self.call
