@@ -82,6 +82,13 @@ def text_rows(cond: Any) -> torch.Tensor:
     return cond["crossattn"] if isinstance(cond, dict) else cond
 
 
+def self_attention_replaced(model_options: dict) -> bool:
+    """Self-attention replacements can work across the rows of a call: StyleAlign aligns every
+    row of a call to its first (extensions-builtin/sd_forge_stylealign/scripts/
+    forge_stylealign.py L40-88), so concepts stacked in one call would leak into each other."""
+    return bool(model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1"))
+
+
 class ForgePass:
     """Guidance for one sampling pass in Forge; `post_cfg(args)` is Forge's post-CFG call, and
     on reForge `calc_cond_batch(args)` its conditioning hook."""
@@ -197,6 +204,8 @@ class ForgePass:
         conds = self._conds(needed, call)
         images = args["input"].shape[0]
         per_call = max(self.max_rows // images, 1) if self.max_rows else 0
+        if self_attention_replaced(args["model_options"]):
+            per_call = 1  # a concept's rows alone in their call, as the negative's are in theirs
         lengths = [text_rows(cond).shape[-2] for cond in conds]
         out = torch.cat([self._call(args, conds[chunk]) for chunk in row_chunks(lengths, per_call)])
         return out.view(len(conds), images, *out.shape[1:])

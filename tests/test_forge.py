@@ -309,3 +309,15 @@ def test_sld_with_sdxl_conditioning(monkeypatch):
     shared.sd_model = TinySD(sdxl=True)
     forge_double.install(monkeypatch, shared.sd_model)
     assert_sld_as_reference({"sampler_name": "Euler", "steps": 6, "batch_size": 2}, CONCEPTS[:1])
+
+
+def test_with_a_self_attention_replacement_each_concept_gets_its_own_call(forge):
+    # StyleAlign aligns the rows of a call to its first: stacked concepts would leak into each
+    # other (measured in the real Forge: 15/255 between stacked and separate calls).
+    p_kwargs = {"sampler_name": "Euler", "steps": 4, "batch_size": 2}
+    stacked = guided(p_kwargs)[1]
+    forge.model_options["transformer_options"]["patches_replace"] = {"attn1": {("input", 1, 0): 0}}
+    forge.model.calls.clear()
+    alone = guided(p_kwargs)[1]
+    assert forge.model.calls == [2, 2, 2, 2] * 4
+    assert torch.equal(alone, stacked)  # the double's model has no shared attention
