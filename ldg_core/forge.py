@@ -54,6 +54,28 @@ class ForgeFunctions:
     # (model, lists of entries, x, sigma, model_options) -> one x0 per list: reForge's
     # calc_cond_batch. None on Forge, whose calc_cond_uncond_batch has two slots only.
     evaluate_lists: Optional[Callable[..., List[torch.Tensor]]] = None
+    # sampler name -> why it cannot be guided on this host, or None
+    sampler_problem: Callable[[str], Optional[str]] = lambda name: None
+
+
+# reForge's own samplers whose model calls run past the steps of their schedule (measured in
+# the real reForge, 3b56b268: the Dy and SMEA variants, SEEDS, the ODE solvers, ...).
+REFORGE_OVERRUNNING = {
+    "Euler Dy", "Euler SMEA Dy", "Euler Negative Dy", "DPM++ SDE Classic", "Kohaku_LoNyu_Yog",
+    "SEEDS 2 DP", "SEEDS 3 DP", "SA-Solver-Pece", "RES Solver", "ODE (Bosh3)",
+    "ODE (Fehlberg2)", "ODE (Adaptive Heun)", "ODE (Dopri5)", "ODE Custom"}
+
+
+def reforge_sampler_problem(name: str) -> Optional[str]:
+    """Samplers reForge offers that cannot be guided there."""
+    if "CFG++" in name or name.endswith(" RF"):
+        # They bring model options of their own, which reForge's CFG denoiser lays over the
+        # UNet's (sd_samplers_cfg_denoiser.py L211-213, ldm_patched/k_diffusion/sampling.py
+        # sample_euler_cfg_pp): our post-CFG function would be dropped, the image unguided.
+        return "it replaces the UNet's post-CFG functions with its own, so guidance would be lost"
+    if name in REFORGE_OVERRUNNING:
+        return "its number of model calls per step changes during the run"
+    return None
 
 
 # reForge's hook that evaluates the prompt and negative lists (samplers.py L419-422); one slot.

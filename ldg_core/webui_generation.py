@@ -135,7 +135,10 @@ class Generation:
             if name in REFUSED_SAMPLERS:
                 problem = f"the sampler {name!r} is not supported: {REFUSED_SAMPLERS[name]}"
         if not problem and modules.forge is not None:
-            problem = no_negative_problem(p, modules.forge)
+            problem = next((f"the sampler {name!r} is not supported on {modules.forge.name}: {why}"
+                            for name in sampler_names(p)
+                            for why in [modules.forge.sampler_problem(name)] if why), None)
+            problem = problem or no_negative_problem(p, modules.forge)
         if problem:
             _refuse_sampling(p, GuidanceError(problem))
             return None

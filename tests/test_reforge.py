@@ -3,6 +3,7 @@ k-diffusion samplers: disabled is bit-identical, enabled matches the independent
 the Forge tests (each concept evaluated alone, SemanticGuidance applied directly), and the
 concepts join reForge's own model call unless something stands in the way."""
 import functools
+import re
 import logging
 
 import pytest
@@ -14,7 +15,7 @@ from tests import test_webui_paths as paths
 from tests.test_forge import ForgeReference, check_sdxl_and_v_prediction
 from tests.test_webui_paths import CONCEPTS, LONG_CONCEPT, guided
 from tests.webui_harness import webui_state  # noqa: F401 (autouse: a fresh double per test)
-from ldg_core.forge import ForgeFunctions
+from ldg_core.forge import ForgeFunctions, reforge_sampler_problem
 from modules import shared
 
 SAMPLERS = ["Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ SDE", "DPM2", "LMS", "LCM"]
@@ -28,7 +29,8 @@ def reforge_functions(calc_cond_batch=reforge_double.calc_cond_batch):
         "reForge", lambda model, entry, x, sigma, options: calc_cond_batch(
             model, [None, [entry]], x, sigma, options)[1],
         cross_attn=reforge_double.CONDCrossAttn, condition=reforge_double.CONDRegular,
-        keep_cfg1_uncond=True, evaluate_lists=calc_cond_batch)
+        keep_cfg1_uncond=True, evaluate_lists=calc_cond_batch,
+        sampler_problem=reforge_sampler_problem)
 
 
 @pytest.fixture(autouse=True)
@@ -205,3 +207,20 @@ def test_other_failures_in_the_joined_call_stay_the_hosts(reforge, monkeypatch):
 def test_sld_with_concepts_matches_the_reference(p_kwargs, reforge):
     from tests.test_forge import assert_sld_as_reference
     assert_sld_as_reference(p_kwargs, CONCEPTS[:1], ReForgeReference)
+
+
+@pytest.mark.parametrize("sampler, why", [
+    ("Euler CFG++", "it replaces the UNet's post-CFG functions with its own"),
+    ("Euler A Comfy RF", "it replaces the UNet's post-CFG functions with its own"),
+    ("SEEDS 2 DP", "its number of model calls per step changes during the run"),
+])
+def test_reforge_samplers_that_cannot_be_guided_are_refused_before_sampling(sampler, why,
+                                                                           reforge, monkeypatch):
+    # Measured in the real reForge: its CFG++ and RF samplers gave images identical to
+    # unguided ones (their model options replace ours), SEEDS and others ran past the schedule.
+    from modules import sd_samplers
+    monkeypatch.setitem(sd_samplers.all_samplers_map, sampler, sd_samplers.all_samplers_map["Euler"])
+    with pytest.raises(ValueError, match=f"the sampler '{re.escape(sampler)}' is not supported "
+                                         f"on reForge: {why}"):
+        guided({"sampler_name": sampler, "steps": 4})
+    assert reforge.model.calls == []
