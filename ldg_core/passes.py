@@ -40,7 +40,7 @@ class GuidancePass:
                        SafetyGuidance(safety, end_step=clock.end_step,
                                       observer=None if observer is None else
                                       (lambda mask: observer(len(config.concepts), mask))))
-        self.cfg_scale = self.guidance_scale = float(guidance_scale)
+        self.cfg_scale = float(guidance_scale)
         self.clock = clock
         self.eps_outputs = eps_outputs
 
@@ -48,11 +48,12 @@ class GuidancePass:
     def config(self) -> GuidanceConfig:
         return self.engine.config
 
-    def scale_for(self, denoiser) -> None:
-        """Sets the CFG scale of this call: the pass's, times the CFG denoiser's multiplier
-        (DDIM CFG++ sets 1 / 12.5 on it when its sampling starts, sd_samplers_timesteps_impl)."""
+    def scale_at(self, denoiser) -> float:
+        """The CFG scale of the denoiser's current call: the pass's, times the CFG denoiser's
+        multiplier (DDIM CFG++ sets 1 / 12.5 on it when its sampling starts,
+        sd_samplers_timesteps_impl)."""
         multiplier = getattr(denoiser, "cond_scale_miltiplier", 1.0)
-        self.guidance_scale = self.cfg_scale * float(1.0 if multiplier is None else multiplier)
+        return self.cfg_scale * float(1.0 if multiplier is None else multiplier)
 
     @property
     def rows(self) -> int:
@@ -64,41 +65,42 @@ class GuidancePass:
         first, end = self.clock.offset, self.clock.end_step
         return can_act(self.config, first, end) or (
             self.safety is not None and any(
-                self.safety.needed(i, self.guidance_scale) for i in range(first, end)))
+                self.safety.needed(i, self.cfg_scale) for i in range(first, end)))
 
-    def needed(self, step: int) -> Tuple[int, ...]:
-        """The rows to evaluate at `step`, in order (the safety concept last)."""
+    def needed(self, step: int, scale: float) -> Tuple[int, ...]:
+        """The rows to evaluate at `step` of a call at CFG scale `scale`, in order (the safety
+        concept last)."""
         needed = self.engine.needed(step)
-        if self.safety is not None and self.safety.needed(step, self.guidance_scale):
+        if self.safety is not None and self.safety.needed(step, scale):
             needed += (len(self.config.concepts),)
         return needed
 
-    def edit(self, step: int, *, x: torch.Tensor, sigma: torch.Tensor, uncond: torch.Tensor,
-             cond: torch.Tensor, concepts: Optional[torch.Tensor]) -> torch.Tensor:
-        """The change of the combined output for this step's model outputs.
+    def edit(self, step: int, *, rows: Sequence[int], scale: float, x: torch.Tensor,
+             sigma: torch.Tensor, uncond: torch.Tensor, cond: torch.Tensor,
+             concepts: Optional[torch.Tensor]) -> torch.Tensor:
+        """The change of the combined output for this step's model outputs, at CFG scale
+        `scale` (the call's, as needed() was asked).
 
         All outputs are for rows whose inputs were the images' `x` [B, C, H, W] and `sigma`
         [B]: `uncond` and `cond` [B, C, H, W] (`cond`: the prompt's estimate, the one the
-        host's CFG scales), `concepts` [K, B, C, H, W] for needed(step) (None when K is 0) or
-        for every row.
+        host's CFG scales), `concepts` [K, B, C, H, W] for the K `rows` (needed(step, scale),
+        or every row; None when K is 0).
         """
         def eps(out):
             return eps_from_output(out, x, sigma, self.eps_outputs)
         count = len(self.config.concepts)
-        needed = self.needed(step)
-        rows = None if concepts is None or len(concepts) == 0 else list(eps(concepts).unbind(0))
+        estimates = None if concepts is None or len(concepts) == 0 else list(eps(concepts).unbind(0))
         safety = None
-        if rows is not None and self.safety is not None and (
-                len(rows) == self.rows or (needed and needed[-1] == count)):
-            safety = rows.pop()
+        if estimates is not None and self.safety is not None and rows[-1] == count:
+            safety = estimates.pop()
         uncond, cond = eps(uncond), eps(cond)
         if count:
-            edit = self.engine.step(step=step, uncond=uncond, cond=cond, concepts=rows or None)
+            edit = self.engine.step(step=step, uncond=uncond, cond=cond, concepts=estimates or None)
         else:
             edit = torch.zeros_like(uncond)
         if self.safety is not None:
             edit = edit + self.safety.step(step=step, uncond=uncond, cond=cond, safety=safety,
-                                           guidance_scale=self.guidance_scale)
+                                           guidance_scale=scale)
         return output_change(edit, sigma, self.eps_outputs)
 
 

@@ -66,6 +66,7 @@ class _Call:
     image_cond: Optional[torch.Tensor] = None  # kept for a separate call
     tokens: int = 0  # the prompt rows' token length
     extra_calls: bool = False  # concept rows evaluated in calls of their own
+    scale: float = 1.0  # the call's CFG scale
     edit: Optional[torch.Tensor] = None
 
 
@@ -125,8 +126,8 @@ class PassGuidance:
         if self.webui.skips_uncond(denoiser, sigma_images):
             return  # the WebUI drops CFG at this step; without an uncond there is no direction
         index = self.clock.index(denoiser.step)
-        self.guidance.scale_for(denoiser)
-        needed = self.guidance.needed(index)
+        scale = self.guidance.scale_at(denoiser)
+        needed = self.guidance.needed(index, scale)
         # Past the row limit, the WebUI's call stays as it is and concepts get calls of their own.
         over_limit = 0 < self.max_rows < params.x.shape[0] + len(needed) * images
         extra_calls = self.separate_call or over_limit
@@ -136,7 +137,7 @@ class PassGuidance:
             needed = tuple(range(self.guidance.rows))
         self._call = _Call(index, needed, prompt_rows, images, params.x[-images:], sigma_images,
                            denoiser, params.image_cond[-images:], token_count(params.text_cond),
-                           extra_calls=extra_calls)
+                           extra_calls=extra_calls, scale=scale)
         if needed and not extra_calls:
             self._add_concept_rows(params, denoiser.step)
 
@@ -157,7 +158,8 @@ class PassGuidance:
             concepts = self._evaluate_concepts(params.inner_model)
         elif k:
             concepts = out[call.prompt_rows:call.prompt_rows + k * b].view(k, *uncond.shape)
-        call.edit = self.guidance.edit(call.index, x=call.x, sigma=call.sigma, uncond=uncond,
+        call.edit = self.guidance.edit(call.index, rows=call.needed, scale=call.scale, x=call.x,
+                                       sigma=call.sigma, uncond=uncond,
                                        cond=self._prompt_estimate(out, uncond), concepts=concepts)
 
     def _prompt_estimate(self, out: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
