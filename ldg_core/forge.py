@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -56,6 +56,8 @@ class ForgeFunctions:
     evaluate_lists: Optional[Callable[..., List[torch.Tensor]]] = None
     # sampler name -> why it cannot be guided on this host, or None
     sampler_problem: Callable[[str], Optional[str]] = lambda name: None
+    # samplers that evaluate the model twice per step without saying so (second_order)
+    two_call_samplers: frozenset = frozenset()
 
 
 # reForge's own samplers whose model calls run past the steps of their schedule (measured in
@@ -66,8 +68,16 @@ REFORGE_OVERRUNNING = {
     "ODE (Fehlberg2)", "ODE (Adaptive Heun)", "ODE (Dopri5)", "ODE Custom"}
 
 
+# reForge's ComfyUI copies of k-diffusion's Heun, DPM++ 2S a and DPM++ SDE: two calls per step,
+# one at the last (ldm_patched/k_diffusion/sampling.py sample_heun, sample_dpmpp_2s_ancestral,
+# sample_dpmpp_sde), as their A1111 namesakes, but registered without the second_order flag
+# (modules_forge/forge_alter_samplers.py L263-266).
+REFORGE_TWO_CALL = frozenset({"Heun Comfy", "DPM++ 2S Ancestral Comfy", "DPM++ SDE Comfy"})
+
+
 def reforge_sampler_problem(name: str) -> Optional[str]:
-    """Samplers reForge offers that cannot be guided there."""
+    """Samplers reForge offers that cannot be guided there, said before sampling. (Any other
+    sampler that replaces the post-CFG chain is stopped at its first call: calc_cond_batch.)"""
     if "CFG++" in name or name.endswith(" RF"):
         # They bring model options of their own, which reForge's CFG denoiser lays over the
         # UNet's (sd_samplers_cfg_denoiser.py L211-213, ldm_patched/k_diffusion/sampling.py
@@ -111,6 +121,16 @@ def self_attention_replaced(model_options: dict) -> bool:
     return bool(model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1"))
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one call of the CFG denoiser evaluates: its step, CFG scale and needed rows."""
+
+    call: int
+    index: int
+    scale: float
+    needed: Tuple[int, ...]
+
+
 class ForgePass:
     """Guidance for one sampling pass in Forge; `post_cfg(args)` is Forge's post-CFG call, and
     on reForge `calc_cond_batch(args)` its conditioning hook."""
@@ -132,7 +152,7 @@ class ForgePass:
         self.skips_uncond = skips_uncond
         self.max_rows = max(int(max_rows), 0)
         self.on_separate_call = on_separate_call
-        self._joined = None  # (call, [K, B, C, H, W]) from the host's own call, reForge
+        self._joined = None  # (_Plan, [K, B, C, H, W]) from the host's own call, reForge
 
     def webui_call_failure(self, error: BaseException) -> None:
         return None  # failures in a call of the host's stay the host's, as messages go
@@ -141,10 +161,16 @@ class ForgePass:
         """reForge's conditioning hook: the prompt and negative lists, and one list per needed
         concept, in one calc_cond_batch; the concepts' outputs wait for the post-CFG call."""
         conds, options = args["conds"], args["model_options"]
-        call, self._joined = self.denoiser.step, None
-        step = self.guidance.clock.index(call)
-        self.guidance.scale_for(self.denoiser)
-        needed = self.guidance.needed(step) if conds[1] is not None else ()
+        self._joined = None
+        if not any(getattr(fn, "forge_pass", None) is self
+                   for fn in options.get("sampler_post_cfg_function", ())):
+            # A sampler's own model options replaced the UNet's post-CFG chain (reForge's CFG
+            # denoiser lays them over it, sd_samplers_cfg_denoiser.py L211-213): the edit
+            # would never be added.
+            raise StopSampling(f"this sampler replaces {self.forge.name}'s post-CFG functions "
+                               "with its own, so guidance cannot be added: choose another sampler")
+        plan = self._plan(self.denoiser.step)
+        needed = plan.needed if conds[1] is not None else ()
         if needed and rows_read_by_position(options):
             self.on_separate_call("an attention patch (IP-Adapter, ...) reads the model "
                                   "call's rows by their position")
@@ -153,7 +179,8 @@ class ForgePass:
             return self.forge.evaluate_lists(args["model"], conds, args["input"], args["sigma"],
                                              options)
         x = args["input"]
-        lists = [[self._entry(conds[1][0], [cond], x.shape[0])] for cond in self._conds(needed, call)]
+        lists = [[self._entry(conds[1][0], [cond], x.shape[0])]
+                 for cond in self._conds(needed, plan.call)]
         try:
             out = self.forge.evaluate_lists(args["model"], list(conds) + lists, x, args["sigma"],
                                             options)
@@ -161,33 +188,36 @@ class ForgePass:
             if not is_out_of_memory(error):
                 raise
             raise StopSampling(sampling_failure(
-                error, step=step, rows=len(needed) * x.shape[0],
+                error, step=plan.index, rows=len(needed) * x.shape[0],
                 what="evaluating the concepts with the prompt")) from error
-        self._joined = (call, torch.stack(out[2:]))
+        self._joined = (plan, torch.stack(out[2:]))
         return out[:2]
 
     def post_cfg(self, args: dict) -> torch.Tensor:
-        call = self.denoiser.step
-        step = self.guidance.clock.index(call)
-        x, sigma = args["input"], args["sigma"]
+        joined, self._joined = self._joined, None
         if self._negative_skipped(args):
             return args["denoised"]  # the host's CFG has no direction here
-        self.guidance.scale_for(self.denoiser)
-        needed = self.guidance.needed(step)
-        joined, self._joined = self._joined, None
-        with _stop_on_error(step, len(needed) * x.shape[0],
-                            "evaluating the concepts in a model call of their own"):
-            if not needed:
-                concepts = None
-            elif joined is not None and joined[0] == call:
-                concepts = joined[1]
-            else:
-                concepts = self._evaluate(args, needed, call)
-            edit = self.guidance.edit(step, x=x, sigma=sigma, uncond=args["uncond_denoised"],
+        x, sigma = args["input"], args["sigma"]
+        if joined is not None and joined[0].call == self.denoiser.step:
+            plan, concepts = joined
+            what = "computing the edit from the concepts evaluated with the prompt"
+        else:
+            plan, concepts = self._plan(self.denoiser.step), None
+            what = "evaluating the concepts in a model call of their own"
+        with _stop_on_error(plan.index, len(plan.needed) * x.shape[0], what):
+            if plan.needed and concepts is None:
+                concepts = self._evaluate(args, plan.needed, plan.call)
+            edit = self.guidance.edit(plan.index, rows=plan.needed, scale=plan.scale, x=x,
+                                      sigma=sigma, uncond=args["uncond_denoised"],
                                       cond=self._prompt_estimate(args), concepts=concepts)
             if getattr(self.denoiser, "mask", None) is not None:
                 edit = edit * self.denoiser.nmask  # inpainting: the preserved area is left alone
             return args["denoised"] + edit
+
+    def _plan(self, call: int) -> "_Plan":
+        index = self.guidance.clock.index(call)
+        scale = self.guidance.scale_at(self.denoiser)
+        return _Plan(call, index, scale, self.guidance.needed(index, scale))
 
     def _prompt_estimate(self, args: dict) -> torch.Tensor:
         """The prompt's estimate the host's CFG scales. With AND prompts Forge and reForge
@@ -261,6 +291,7 @@ def post_cfg_function(forge_pass: ForgePass) -> Callable[[dict], torch.Tensor]:
     (backend/patcher/unet.py L26-35), and a bound method would carry a copy of its object."""
     def post_cfg(args):
         return forge_pass.post_cfg(args)
+    post_cfg.forge_pass = forge_pass  # how reForge's hook finds it in the options handed over
     return post_cfg
 
 

@@ -73,7 +73,7 @@ def no_negative_problem(p: Any, forge: ForgeFunctions) -> Optional[str]:
     hires_cfg = getattr(p, "hr_cfg", None) if getattr(p, "enable_hr", False) else None
     if forge.keep_cfg1_uncond:
         if hires_cfg is not None and (hires_cfg < 0 or hires_cfg == 0 == p.cfg_scale):
-            return _no_negative(forge.name, "Hires CFG Scale", f"{hires_cfg:g}")
+            return _no_negative(forge.name, "Hires CFG Scale", f"{hires_cfg:g}", "set it above 0")
         return None
     if p.cfg_scale == 1:
         return _no_negative(forge.name, "CFG scale")
@@ -82,9 +82,10 @@ def no_negative_problem(p: Any, forge: ForgeFunctions) -> Optional[str]:
     return None
 
 
-def _no_negative(host: str, setting: str, value: str = "1") -> str:
+def _no_negative(host: str, setting: str, value: str = "1",
+                 remedy: str = "raise it above 1") -> str:
     return (f"{host} computes no estimate of the negative prompt at a {setting} of {value} "
-            "(modules/processing.py), and concepts are directions from it: raise it above 1, "
+            f"(modules/processing.py), and concepts are directions from it: {remedy}, "
             "or turn guidance off")
 
 
@@ -200,8 +201,9 @@ class Generation:
                 raise GuidanceError(problem)
         timesteps = isinstance(sampler, self.m.sd_samplers_timesteps.CompVisSampler)
         steps, schedule = self._schedule()
-        clock = step_clock(sampler.config.name, steps=steps,
-                           second_order=sampler.config.options.get("second_order", False),
+        second_order = sampler.config.options.get("second_order", False) or (
+            forge is not None and sampler.config.name in forge.two_call_samplers)
+        clock = step_clock(sampler.config.name, steps=steps, second_order=second_order,
                            timestep_count=len(sampler.get_timesteps(p, steps)) if timesteps else None,
                            img2img_schedule=schedule)
         conds = self._encode()

@@ -279,7 +279,7 @@ def webui_modules():
 
 def forge_functions():
     """How concepts are evaluated where the model runs in the host's own sampling code."""
-    from ldg_core.forge import ForgeFunctions, reforge_sampler_problem
+    from ldg_core.forge import REFORGE_TWO_CALL, ForgeFunctions, reforge_sampler_problem
     if HOST in ("forge", "neo"):
         from backend.sampling import condition, sampling_function
         return ForgeFunctions(
@@ -291,7 +291,8 @@ def forge_functions():
         "reForge", lambda model, entry, x, sigma, options: samplers.calc_cond_batch(
             model, [None, [entry]], x, sigma, options)[1],
         cross_attn=conds.CONDCrossAttn, condition=conds.CONDRegular, keep_cfg1_uncond=True,
-        evaluate_lists=samplers.calc_cond_batch, sampler_problem=reforge_sampler_problem)
+        evaluate_lists=samplers.calc_cond_batch, sampler_problem=reforge_sampler_problem,
+        two_call_samplers=REFORGE_TWO_CALL)
 
 
 def add_concept_maps(p, processed, generation):

@@ -4,10 +4,11 @@
 reForge keeps the WebUI's samplers and processing and runs the model through ComfyUI's
 sampling code. Our own code, following these places of reForge's source:
 - `CFGDenoiser.forward` (modules/sd_samplers_cfg_denoiser.py L113-272): fires on_cfg_denoiser
-  with the images' rows; skips the negative itself (NGMS at even calls, L178-186; skip early
-  CFG, L189-195) and then calls the sampling function without it at a scale of 1 (L241-243);
-  uses the Hires CFG Scale in the hires pass (L176-177); blends the inpainting mask after
-  (L259-260); counts its calls in `step`.
+  with the images' rows; lays model options a sampler passes in over the UNet's (L211-213);
+  skips the negative itself (NGMS at even calls, L178-186; skip early CFG, L189-195) and then
+  calls the sampling function without it at a scale of 1 (L241-243); uses the Hires CFG Scale
+  in the hires pass (L176-177); blends the inpainting mask after (L259-260); counts its calls
+  in `step`.
 - `cond_from_a1111_to_patched_ldm(_weighted)` (modules_forge/forge_sampler.py L8-53): one entry
   per prompt, its text (and SDXL's pooled vector as `y`) in `model_conds`, `strength` for the
   prompt's.
@@ -109,7 +110,7 @@ class ModelPatcher(forge_double.UnetPatcher):
         self.model_options["sampler_calc_cond_batch_function"] = fn
 
 
-def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond, **kwargs):
     """reForge's CFGDenoiser.forward for k-diffusion samplers."""
     state, opts = shared.state, shared.opts
     if state.interrupted or state.skipped:
@@ -130,13 +131,15 @@ def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
             opts.skip_early_cond != 0 and self.step / self.total_steps <= opts.skip_early_cond)):
         skip_uncond = True
     unet = self.p.sd_model.forge_objects.unet
+    model_options = unet.model_options
+    if kwargs.get("model_options"):  # a sampler's own options, laid over the UNet's
+        model_options = dict(model_options, **kwargs["model_options"])
     cond_entries = cond_from_a1111_to_patched_ldm(tensor, strength=1.0)
     if skip_uncond:
-        denoised = sampling_function(unet.model, x, sigma, None, cond_entries, 1.0,
-                                     unet.model_options)
+        denoised = sampling_function(unet.model, x, sigma, None, cond_entries, 1.0, model_options)
     else:
         denoised = sampling_function(unet.model, x, sigma, cond_from_a1111_to_patched_ldm(uncond),
-                                     cond_entries, cond_scale, unet.model_options)
+                                     cond_entries, cond_scale, model_options)
     if self.mask is not None:
         denoised = denoised * self.nmask + self.init_latent * self.mask
     self.step += 1
@@ -145,18 +148,12 @@ def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
 
 def install(monkeypatch, sd_model):
     """Turns the WebUI double into reForge's: the denoiser, the model's patcher, the pass hook."""
-    from modules import processing, scripts, sd_samplers_cfg_denoiser
     model = forge_double.KModel(sd_model)
     model.slots = []
     base = ModelPatcher(model)
-    sd_model.forge_objects = forge_double.ForgeObjects(base)
-    monkeypatch.setattr(sd_samplers_cfg_denoiser.CFGDenoiser, "forward", forward)
-    monkeypatch.setattr(processing.Processing, "sd_model", property(lambda p: shared.sd_model),
-                        raising=False)
-    hook = scripts.ScriptRunner.process_before_every_sampling
 
-    def before_every_sampling(self, p, **kwargs):
+    def before_every_sampling(hook, runner, p, kwargs):
         sd_model.forge_objects = forge_double.ForgeObjects(base)  # L1458, L1568, L1913
-        hook(self, p, **kwargs)
-    monkeypatch.setattr(scripts.ScriptRunner, "process_before_every_sampling", before_every_sampling)
+        hook(runner, p, **kwargs)
+    forge_double.install_host(monkeypatch, sd_model, base, forward, before_every_sampling)
     return base

@@ -15,7 +15,7 @@ from tests import test_webui_paths as paths
 from tests.test_forge import ForgeReference, check_sdxl_and_v_prediction
 from tests.test_webui_paths import CONCEPTS, LONG_CONCEPT, guided
 from tests.webui_harness import webui_state  # noqa: F401 (autouse: a fresh double per test)
-from ldg_core.forge import ForgeFunctions, reforge_sampler_problem
+from ldg_core.forge import REFORGE_TWO_CALL, ForgeFunctions, reforge_sampler_problem
 from modules import shared
 
 SAMPLERS = ["Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ SDE", "DPM2", "LMS", "LCM"]
@@ -30,15 +30,13 @@ def reforge_functions(calc_cond_batch=reforge_double.calc_cond_batch):
             model, [None, [entry]], x, sigma, options)[1],
         cross_attn=reforge_double.CONDCrossAttn, condition=reforge_double.CONDRegular,
         keep_cfg1_uncond=True, evaluate_lists=calc_cond_batch,
-        sampler_problem=reforge_sampler_problem)
+        sampler_problem=reforge_sampler_problem, two_call_samplers=REFORGE_TWO_CALL)
 
 
 @pytest.fixture(autouse=True)
 def reforge(webui_state, monkeypatch):  # noqa: F811 (after the fresh WebUI double)
     base = reforge_double.install(monkeypatch, shared.sd_model)
-    monkeypatch.setattr(h.SCRIPT_MODULE, "HOST", "reforge")
-    monkeypatch.setattr(h.SCRIPT_MODULE, "_modules", [])
-    monkeypatch.setattr(h.SCRIPT_MODULE, "forge_functions", reforge_functions)
+    h.serve_host(monkeypatch, "reforge", reforge_functions)
     return base
 
 
@@ -148,7 +146,8 @@ def test_cfg_one_keeps_the_negative_and_guides():
 
 def test_a_hires_cfg_below_zero_is_refused_before_sampling(reforge):
     with pytest.raises(ValueError, match="reForge computes no estimate of the negative prompt at "
-                                         "a Hires CFG Scale of -1"):
+                                         "a Hires CFG Scale of -1 .*: set it above 0, "
+                                         "or turn guidance off"):
         guided({"sampler_name": "Euler", "steps": 4, "enable_hr": True, "hr_scale": 2,
                 "hr_second_pass_steps": 2, "denoising_strength": 0.5, "hr_cfg": -1.0})
     assert reforge.model.calls == []
@@ -224,3 +223,70 @@ def test_reforge_samplers_that_cannot_be_guided_are_refused_before_sampling(samp
                                          f"on reForge: {why}"):
         guided({"sampler_name": sampler, "steps": 4})
     assert reforge.model.calls == []
+
+
+def register(monkeypatch, name, sample):
+    """Adds a sampler as reForge registers its own (modules_forge/forge_alter_samplers.py
+    L260-269): a k-diffusion function and no options, so no second_order flag."""
+    from modules import sd_samplers, sd_samplers_common, sd_samplers_kdiffusion
+    import k_diffusion.sampling
+    monkeypatch.setattr(k_diffusion.sampling, f"sample_{name}", sample, raising=False)
+    config = sd_samplers_common.SamplerData(
+        name, lambda model: sd_samplers_kdiffusion.KDiffusionSampler(f"sample_{name}", model), [], {})
+    monkeypatch.setitem(sd_samplers.all_samplers_map, name, config)
+
+
+@pytest.mark.parametrize("comfy, namesake", [
+    ("Heun Comfy", "Heun"), ("DPM++ 2S Ancestral Comfy", "DPM++ 2S a"),
+    ("DPM++ SDE Comfy", "DPM++ SDE")])
+def test_two_call_samplers_registered_without_saying_so_share_a_step(comfy, namesake, monkeypatch):
+    # reForge's ComfyUI copies of Heun, DPM++ 2S a and DPM++ SDE make two model calls per step
+    # (ldm_patched/k_diffusion/sampling.py) without the second_order flag their A1111
+    # namesakes carry; guided, they must give the namesake's image (the same function and
+    # options but the flag), which matches the reference.
+    import k_diffusion.sampling
+    from modules import sd_samplers
+    namesake_config = sd_samplers.all_samplers_map[namesake]
+    register(monkeypatch, comfy, getattr(k_diffusion.sampling, namesake_config.constructor(
+        shared.sd_model).func.__name__))
+    options = {k: v for k, v in namesake_config.options.items() if k != "second_order"}
+    monkeypatch.setitem(sd_samplers.all_samplers_map, comfy,
+                        sd_samplers.all_samplers_map[comfy]._replace(options=options))
+    assert_guided_as_reference({"sampler_name": namesake, "steps": 6})
+    for p_kwargs in [{"steps": 6}, {"steps": 8, "denoising_strength": 0.5,
+                                    "init_latent": torch.randn(1, 4, 8, 8)}]:
+        _, ours = guided(dict(p_kwargs, sampler_name=comfy))
+        _, expected = guided(dict(p_kwargs, sampler_name=namesake))
+        assert torch.equal(ours, expected)
+
+
+def test_a_sampler_that_replaces_the_post_cfg_chain_stops_at_its_first_call(reforge, monkeypatch):
+    # reForge's CFG denoiser lays a sampler's model options over the UNet's (L211-213); a
+    # sampler that brings its own post-CFG list (as its CFG++ samplers do) would drop our edit.
+    # Known ones are refused by name before sampling; any other stops at its first call.
+    import k_diffusion.sampling
+
+    def sample_own_options(model, x, sigmas, extra_args=None, **kwargs):
+        options = {"sampler_post_cfg_function": [lambda args: args["denoised"]]}
+        return k_diffusion.sampling.sample_euler(
+            model, x, sigmas, extra_args=dict(extra_args, model_options=options), **kwargs)
+    register(monkeypatch, "Euler Own Options", sample_own_options)
+    with pytest.raises(ValueError, match="this sampler replaces reForge's post-CFG functions "
+                                         "with its own, so guidance cannot be added"):
+        guided({"sampler_name": "Euler Own Options", "steps": 4})
+    assert reforge.model.calls == []
+    assert HOOK not in shared.sd_model.forge_objects.unet.model_options
+
+
+def test_a_failure_after_the_joined_call_says_where_it_happened(monkeypatch):
+    from ldg_core.passes import GuidancePass
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("broken edit")
+    monkeypatch.setattr(GuidancePass, "edit", failing)
+    with pytest.raises(ValueError) as raised:
+        guided({"sampler_name": "Euler", "steps": 4})
+    assert str(raised.value) == (
+        "Latent Diffusion Guidance: failed at step 0 while computing the edit from the "
+        "concepts evaluated with the prompt: RuntimeError: broken edit. The generation was "
+        "stopped rather than finished without guidance")
