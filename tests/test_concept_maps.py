@@ -140,3 +140,28 @@ def test_the_safety_term_gets_a_map_where_its_mask_acted(monkeypatch):
     h.SCRIPT_MODULE.LatentDiffusionGuidanceScript().postprocess(p, processed, *args)
     assert len(processed.images) == 1 + 2
     assert labels == ["concept 1: add 'hat'", "safety: 'glasses'"]
+
+
+def test_the_safety_map_is_where_slds_own_mask_let_the_safety_estimate_act():
+    # The reference evaluates the safety concept in a call of its own and keeps SLD's mask as
+    # the pipeline computes it (scale 0 where eps_text - eps_safety >= threshold) at each step
+    # from the warmup on; the map must be that mask's share of channels, averaged over steps.
+    from ldg_core import SafetyConfig
+    from tests.webui_reference import ReferenceGuidance
+    from tests.test_webui_paths import config_of
+    safety = SafetyConfig(concept="glasses", scale=60.0, threshold=0.0, warmup=2)
+    p_kwargs = {"sampler_name": "Heun", "steps": 6, "batch_size": 2}
+    args = h.script_args([], safety=safety)
+    args[SLOTS_END] = True  # concept_maps
+    p, _ = h.generate(p_kwargs, args)
+    reference = ReferenceGuidance(config_of([]), safety)
+    h.generate(p_kwargs, None, extra_scripts=[(reference, [])])
+    recorder = p.latent_diffusion_guidance.map_batches[0][0]
+    masks = reference.safety_masks
+    # Heun: two calls a step from the warmup on, one at the last step
+    assert recorder.calls == {0: len(masks)} and len(masks) == 2 * (6 - 2) - 1
+    expected = torch.stack([m.float().mean(dim=1) for m in masks]).sum(0)
+    assert 0.1 < float(expected.mean()) / len(masks) < 0.9  # the mask is neither empty nor full
+    torch.testing.assert_close(recorder.hits[0], expected, rtol=0, atol=1e-6)
+    (maps,) = [combine([recorder], (8, 8))[0]]
+    np.testing.assert_allclose(maps, (expected / len(masks)).numpy(), atol=1e-6)

@@ -38,6 +38,7 @@ class ReferenceGuidance:
         self.reports_at_last_call = 0
         self.offset = None
         self.calls = 0
+        self.safety_masks = []  # where SLD's threshold let the safety estimate act, per step
 
     # the generation and its passes ---------------------------------------------------------
     def process(self, p, *args):
@@ -168,6 +169,10 @@ class ReferenceGuidance:
                      * denoiser.cond_scale_miltiplier)
             call["edit"] = call["edit"] + self.safety.step(
                 step=index, uncond=uncond, cond=prompt, safety=safety, guidance_scale=scale)
+            if index >= self.safety_config.warmup and scale > 1 and self.safety_config.scale > 1:
+                # SLD's mask, as the pipeline computes it: the scale is 0 where
+                # eps_text - eps_safety >= threshold (pipeline_stable_diffusion_safe.py)
+                self.safety_masks.append(prompt - safety < self.safety_config.threshold)
 
     def on_after_cfg(self, params):
         call = self.call
