@@ -194,20 +194,28 @@ def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
 
 def install(monkeypatch, sd_model):
     """Turns the WebUI double into Forge's: the denoiser, the model's patcher, the pass hooks."""
-    from modules import processing, scripts, sd_samplers_cfg_denoiser
     base = UnetPatcher(KModel(sd_model))
-    sd_model.forge_objects = ForgeObjects(base)
-    monkeypatch.setattr(sd_samplers_cfg_denoiser.CFGDenoiser, "forward", forward)
-    monkeypatch.setattr(processing.Processing, "sd_model", property(lambda p: shared.sd_model),
-                        raising=False)
-    hook = scripts.ScriptRunner.process_before_every_sampling
 
-    def before_every_sampling(self, p, **kwargs):
+    def before_every_sampling(hook, runner, p, kwargs):
         if p.cfg_scale == 1:
             kwargs["uc"] = None  # processing.py L499-501
         if p.is_hr_pass:
-            hook(self, p, **kwargs)  # L1510: before the reset, so whatever it sets is lost
+            hook(runner, p, **kwargs)  # L1510: before the reset, so whatever it sets is lost
         sd_model.forge_objects = ForgeObjects(base)  # L1373, L1518, L1851
-        hook(self, p, **kwargs)
-    monkeypatch.setattr(scripts.ScriptRunner, "process_before_every_sampling", before_every_sampling)
+        hook(runner, p, **kwargs)
+    install_host(monkeypatch, sd_model, base, forward, before_every_sampling)
     return base
+
+
+def install_host(monkeypatch, sd_model, base, denoiser_forward, before_every_sampling):
+    """What Forge's and reForge's doubles share: their CFG denoiser, `p.sd_model`, the UNet
+    patcher `base`, and `before_every_sampling(hook, runner, p, kwargs)` around the scripts'
+    process_before_every_sampling (where each host resets its model objects)."""
+    from modules import processing, scripts, sd_samplers_cfg_denoiser
+    sd_model.forge_objects = ForgeObjects(base)
+    monkeypatch.setattr(sd_samplers_cfg_denoiser.CFGDenoiser, "forward", denoiser_forward)
+    monkeypatch.setattr(processing.Processing, "sd_model", property(lambda p: shared.sd_model),
+                        raising=False)
+    hook = scripts.ScriptRunner.process_before_every_sampling
+    monkeypatch.setattr(scripts.ScriptRunner, "process_before_every_sampling",
+                        lambda runner, p, **kwargs: before_every_sampling(hook, runner, p, kwargs))

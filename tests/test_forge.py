@@ -35,9 +35,7 @@ def forge_functions(calc_cond_uncond_batch=forge_double.calc_cond_uncond_batch):
 @pytest.fixture(autouse=True)
 def forge(webui_state, monkeypatch):  # noqa: F811 (after the fresh WebUI double)
     base = forge_double.install(monkeypatch, shared.sd_model)
-    monkeypatch.setattr(h.SCRIPT_MODULE, "HOST", "forge")
-    monkeypatch.setattr(h.SCRIPT_MODULE, "_modules", [])
-    monkeypatch.setattr(h.SCRIPT_MODULE, "forge_functions", forge_functions)
+    h.serve_host(monkeypatch, "forge", forge_functions)
     return base
 
 

@@ -58,6 +58,14 @@ def webui_state():
     assert not script_callbacks.reported, script_callbacks.reported
 
 
+def serve_host(monkeypatch, host, forge_functions):
+    """Makes the script believe it runs on `host` ("forge", "reforge"), with the double's
+    pieces in place of the host's (scripts/latent_diffusion_guidance.py forge_functions)."""
+    monkeypatch.setattr(SCRIPT_MODULE, "HOST", host)
+    monkeypatch.setattr(SCRIPT_MODULE, "_modules", [])
+    monkeypatch.setattr(SCRIPT_MODULE, "forge_functions", forge_functions)
+
+
 def generate(p_kwargs, args=None, extra_scripts=()):
     """One generation with our script (args None: the extension is not installed at all)."""
     script_callbacks.ui_settings_callback()  # the Settings exist before any generation
