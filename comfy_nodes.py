@@ -20,7 +20,7 @@ from .ldg_core.comfy import (CONCEPT_KEY, ComfyPass, concept_conds, concept_text
                              model_problem, rows_read_by_position)
 from .ldg_core.config import (DEFAULT_MOMENTUM_BETA, DEFAULT_MOMENTUM_SCALE, DEFAULT_SCALE,
                               DEFAULT_THRESHOLD, DEFAULT_WARMUP, DEFAULT_WEIGHT)
-from .ldg_core.failures import GuidanceError, StopSampling, sampling_failure
+from .ldg_core.failures import GuidanceError, StopSampling, stop_on_error
 from .ldg_core.presets import BUILTIN_PRESETS
 from .ldg_core.safety_config import DEFAULT_PRESET, DEFAULT_SAFETY_CONCEPT, PRESETS
 
@@ -72,16 +72,15 @@ def stopping_with_a_message():
 def evaluate_concepts(model, lists, x, sigma, model_options, plan):
     """[K, B, C, H, W] x0 of the concept lists: one batched call, or, where attention patches
     read a list's position, one call per concept in the negative's place."""
-    try:
+    with _stopping_at(plan, x, "evaluating the concepts"):
         if rows_read_by_position(model_options):
-            out = [comfy.samplers.calc_cond_batch(model, [None, entries], x, sigma, model_options)[1]
-                   for entries in lists]
-        else:
-            out = comfy.samplers.calc_cond_batch(model, lists, x, sigma, model_options)
-    except Exception as error:
-        raise StopSampling(sampling_failure(error, step=plan.index, rows=len(plan.needed) * x.shape[0],
-                                            what="evaluating the concepts")) from error
-    return torch.stack(out)
+            return torch.stack([comfy.samplers.calc_cond_batch(
+                model, [None, entries], x, sigma, model_options)[1] for entries in lists])
+        return torch.stack(comfy.samplers.calc_cond_batch(model, lists, x, sigma, model_options))
+
+
+def _stopping_at(plan, x, what):
+    return stop_on_error(step=plan.index, rows=len(plan.needed) * x.shape[0], what=what)
 
 
 def with_edit_first(model_options: dict, edit: torch.Tensor) -> dict:
@@ -132,24 +131,12 @@ class SemanticGuider(comfy.samplers.CFGGuider):
             out = fn({"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": timestep,
                       "input": x, "sigma": timestep, "model": self.inner_model,
                       "model_options": model_options})
-        with _failures_stop(plan, x):
+        with _stopping_at(plan, x, "computing the edit"):
             edit = self.ldg_pass.edit(plan, x=x, sigma=timestep, uncond=out[1], cond=out[0],
                                       concepts=concepts)
         return comfy.samplers.cfg_function(
             self.inner_model, out[0], out[1], self.cfg, x, timestep,
             model_options=with_edit_first(model_options, edit), cond=conds[0], uncond=conds[1])
-
-
-@contextlib.contextmanager
-def _failures_stop(plan, x):
-    try:
-        yield
-    except (GuidanceError, StopSampling):
-        raise
-    except Exception as error:
-        raise StopSampling(sampling_failure(error, step=plan.index,
-                                            rows=len(plan.needed) * x.shape[0],
-                                            what="computing the edit")) from error
 
 
 # -- the model patch -----------------------------------------------------------------------
@@ -191,7 +178,7 @@ class PatchState:
             lists = [self.guider.conds[CONCEPT_KEY.format(i)] for i in plan.needed]
             concepts = evaluate_concepts(args["model"], lists, x, sigma, args["model_options"],
                                          plan)
-        with _failures_stop(plan, x):
+        with _stopping_at(plan, x, "computing the edit"):
             return args["denoised"] + ldg_pass.edit(
                 plan, x=x, sigma=sigma, uncond=args["uncond_denoised"],
                 cond=args["cond_denoised"], concepts=concepts)

@@ -143,8 +143,8 @@ class ComfyPass:
         if problem:
             raise GuidanceError(problem)
         self.schedule = [float(s) for s in sigmas]
-        self.calls_per_step = CALLS_PER_STEP.get(sampler_function_name(sampler), 1)
-        clock = StepClock(0, self.calls_per_step, end_step=len(self.schedule) - 1)
+        clock = StepClock(0, CALLS_PER_STEP.get(sampler_function_name(sampler), 1),
+                          end_step=len(self.schedule) - 1)
         self.guidance = GuidancePass(config, clock=clock, eps_outputs=False, observer=observer,
                                      safety=safety, guidance_scale=cfg_scale)
         self.calls = 0
@@ -156,7 +156,7 @@ class ComfyPass:
         if index >= len(self.schedule) - 1:
             raise StopSampling(f"the sampler made more model calls than its {index} steps; "
                                "it is not supported with guidance")
-        if call % self.calls_per_step == 0:
+        if call % self.guidance.clock.calls_per_step == 0:
             expected, level = self.schedule[index], float(sigma.flatten()[0])
             if not math.isclose(level, expected, rel_tol=1e-3, abs_tol=1e-5):
                 raise StopSampling(

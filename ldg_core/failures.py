@@ -12,6 +12,8 @@ which passes those handlers, ends the sampler's run at once, and is turned back 
 
 from __future__ import annotations
 
+import contextlib
+
 PREFIX = "Latent Diffusion Guidance: "
 ROW_LIMIT_SETTING = "Settings > Latent Diffusion Guidance > Max rows per UNet call"
 
@@ -48,3 +50,13 @@ def sampling_failure(error: BaseException, *, step: int, rows: int, what: str) -
                 "one without guidance) or use fewer concepts")
     return (f"failed at step {step} while {what}: {type(error).__name__}: {error}. The "
             "generation was stopped rather than finished without guidance")
+
+
+@contextlib.contextmanager
+def stop_on_error(*, step: int, rows: int, what: str):
+    """Code of ours running inside a host's sampling: any error stops the sampling run with
+    `sampling_failure`'s words (StopSampling itself is not an Exception and passes)."""
+    try:
+        yield
+    except Exception as error:
+        raise StopSampling(sampling_failure(error, step=step, rows=rows, what=what)) from error

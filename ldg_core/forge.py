@@ -26,14 +26,13 @@ Nothing of either host is imported here: what is needed comes in as `ForgeFuncti
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .failures import StopSampling, is_out_of_memory, sampling_failure
+from .failures import StopSampling, is_out_of_memory, sampling_failure, stop_on_error
 from .passes import GuidancePass, row_chunks
 
 
@@ -204,7 +203,7 @@ class ForgePass:
         else:
             plan, concepts = self._plan(self.denoiser.step), None
             what = "evaluating the concepts in a model call of their own"
-        with _stop_on_error(plan.index, len(plan.needed) * x.shape[0], what):
+        with stop_on_error(step=plan.index, rows=len(plan.needed) * x.shape[0], what=what):
             if plan.needed and concepts is None:
                 concepts = self._evaluate(args, plan.needed, plan.call)
             edit = self.guidance.edit(plan.index, rows=plan.needed, scale=plan.scale, x=x,
@@ -300,11 +299,3 @@ def calc_cond_batch_function(forge_pass: ForgePass) -> Callable[[dict], List[tor
     def calc_cond_batch(args):
         return forge_pass.calc_cond_batch(args)
     return calc_cond_batch
-
-
-@contextlib.contextmanager
-def _stop_on_error(step: int, rows: int, what: str):
-    try:
-        yield
-    except Exception as error:
-        raise StopSampling(sampling_failure(error, step=step, rows=rows, what=what)) from error
