@@ -3,6 +3,7 @@ import importlib.util
 import os
 import sys
 
+import k_diffusion.sampling
 import pytest
 import torch
 
@@ -54,6 +55,9 @@ def webui_state():
     shared.sd_model = TinySD()
     script_callbacks.reported.clear()
     yield
+    # The double's samplers, as the WebUI's, put their noise hook into k-diffusion's module
+    # (sd_samplers_common.py L296); other hosts' tests use that module after these.
+    k_diffusion.sampling.torch = torch
     assert script_callbacks.registered_count() == 0, "callbacks left registered"
     assert not script_callbacks.reported, script_callbacks.reported
 

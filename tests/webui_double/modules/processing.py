@@ -1,7 +1,8 @@
 """modules/processing.py (v1.10.1), the parts the extension meets: get_conds_with_caching
 (L460-490), setup_conds (L493-503), txt2img sample with the hires pass (L1307-1463,
-calculate_hr_conds L1500-1511), img2img sample with the mask blend (L1759-1785), and
-process_images' hook order (process, then per batch setup_conds and sample, then postprocess)."""
+calculate_hr_conds L1500-1511), img2img sample with the mask blend (L1759-1785), the
+per-batch image noise (p.rng, L949, L1336, L1429-1430, L1760: rng.py ImageRNG L99-130, without
+subseeds), and process_images' hook order (process, then per batch setup_conds and sample, then postprocess)."""
 import torch
 
 from modules import prompt_parser, sd_samplers, shared
@@ -30,7 +31,9 @@ class Processing:
         for key, value in kw.items():
             setattr(self, key, value)
         self.is_img2img = self.init_latent is not None
+        self.rng = None
         if self.is_img2img:
+            self.init_images = []  # StableDiffusionProcessingImg2Img's field (L1558)
             self.sampler = sd_samplers.create_sampler(self.sampler_name, shared.sd_model)
 
     # conditioning ------------------------------------------------------------------------
@@ -68,10 +71,6 @@ class Processing:
         self.hr_c = self.get_conds_with_caching(prompt_parser.get_multicond_learned_conditioning, self._texts([self.hr_prompt or self.prompt] * self.batch_size, False, w, h), self.firstpass_steps, [[None, None]], self.extra_network_data, total_steps)
 
     # sampling ----------------------------------------------------------------------------
-    def noise(self, shape):
-        rows = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in self.seeds]
-        return torch.stack(rows)
-
     def latent_shape(self, width, height):
         return (self.batch_size, 4, height // 8, width // 8)
 
@@ -79,7 +78,7 @@ class Processing:
         if self.is_img2img:
             return self._sample_img2img(conditioning, unconditional_conditioning)
         self.sampler = sd_samplers.create_sampler(self.sampler_name, shared.sd_model)
-        x = self.noise(self.latent_shape(self.width, self.height))
+        x = self.rng.next()
         self.scripts.process_before_every_sampling(p=self, x=x, noise=x, c=conditioning, uc=unconditional_conditioning)
         samples = self.sampler.sample(self, x, conditioning, unconditional_conditioning, image_conditioning=self.image_cond(x))
         if not self.enable_hr:
@@ -94,7 +93,8 @@ class Processing:
         self.hr_upscale_to_x, self.hr_upscale_to_y = self.width * self.hr_scale, self.height * self.hr_scale
         samples = torch.nn.functional.interpolate(samples, scale_factor=self.hr_scale, mode="nearest")
         self.sampler = sd_samplers.create_sampler(self.hr_sampler_name or self.sampler_name, shared.sd_model)
-        noise = self.noise(samples.shape)
+        self.rng = ImageRNG(samples.shape[1:], self.seeds)
+        noise = self.rng.next()
         self.calculate_hr_conds()
         self.scripts.process_before_every_sampling(p=self, x=samples, noise=noise, c=self.hr_c, uc=self.hr_uc)
         samples = self.sampler.sample_img2img(self, samples, noise, self.hr_c, self.hr_uc, steps=self.hr_second_pass_steps or self.steps, image_conditioning=self.image_cond(samples))
@@ -103,12 +103,25 @@ class Processing:
         return samples
 
     def _sample_img2img(self, conditioning, unconditional_conditioning):
-        x = self.noise(self.init_latent.shape)
+        x = self.rng.next()
         self.scripts.process_before_every_sampling(p=self, x=self.init_latent, noise=x, c=conditioning, uc=unconditional_conditioning)
         samples = self.sampler.sample_img2img(self, self.init_latent, x, conditioning, unconditional_conditioning, image_conditioning=self.image_cond(x))
         if self.mask is not None:
             samples = samples * self.nmask + self.init_latent * self.mask
         return samples
+
+
+class ImageRNG:
+    """One generator per image's seed; next() draws every image's next noise, on the model's
+    device (the WebUI's devices.randn)."""
+
+    def __init__(self, shape, seeds):
+        self.shape = shape
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def next(self):
+        noise = torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+        return noise.to(getattr(shared.sd_model, "device", "cpu"))
 
 
 def process_images(p, scripts):
@@ -121,6 +134,8 @@ def process_images(p, scripts):
         p.seeds = [p.seed + n * p.batch_size + i for i in range(p.batch_size)]
         p.prompts = [p.prompt] * p.batch_size
         p.negative_prompts = [p.negative_prompt] * p.batch_size
+        shape = p.init_latent.shape if p.is_img2img else p.latent_shape(p.width, p.height)
+        p.rng = ImageRNG(shape[1:], p.seeds)
         p.setup_conds()
         outputs.append(p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=p.seeds, prompts=p.prompts))
     result = torch.cat(outputs)

@@ -1,6 +1,11 @@
 """modules/sd_samplers_common.py: SamplerData.total_steps (L14-19), setup_img2img_steps
-(L22-31), Sampler.callback_state / launch_sampling / initialize (L256-300, trimmed)."""
+(L22-31), TorchHijack (L205-226), Sampler.callback_state / launch_sampling / initialize
+(L256-307, trimmed: the hijack and the eta of samplers that take one)."""
+import inspect
 from collections import namedtuple
+
+import k_diffusion.sampling
+import torch
 
 from modules import shared
 
@@ -25,7 +30,26 @@ class InterruptedException(BaseException):
     pass
 
 
+class TorchHijack:
+    """Stands in for torch in k_diffusion.sampling: randn_like draws the image's noise."""
+
+    def __init__(self, p):
+        self.rng = p.rng
+
+    def __getattr__(self, item):
+        if item == 'randn_like':
+            return self.randn_like
+        if hasattr(torch, item):
+            return getattr(torch, item)
+        raise AttributeError(item)
+
+    def randn_like(self, x):
+        return self.rng.next()
+
+
 class Sampler:
+    eta_option_field = 'eta_ancestral'  # L245
+
     def __init__(self, funcname):
         self.funcname = funcname
         self.func = funcname
@@ -65,4 +89,9 @@ class Sampler:
         self.model_wrap_cfg.nmask = getattr(p, "nmask", None)
         self.model_wrap_cfg.step = 0
         self.s_min_uncond = getattr(p, "s_min_uncond", 0.0)
-        return {}
+        k_diffusion.sampling.torch = TorchHijack(p)
+        kwargs = {}
+        if 'eta' in inspect.signature(self.func).parameters:
+            eta = getattr(p, "eta", None)
+            kwargs['eta'] = eta if eta is not None else getattr(shared.opts, self.eta_option_field, 0.0)
+        return kwargs

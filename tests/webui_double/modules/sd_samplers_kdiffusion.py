@@ -61,10 +61,8 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
         return sigmas.cpu()
 
     def _kwargs(self, p, sigma_sched, x, sigmas, img2img):
-        kwargs = self.initialize(p)
+        kwargs = self.initialize(p)  # eta: opts.eta_ancestral
         parameters = inspect.signature(self.func).parameters
-        if 'eta' in parameters:  # sd_samplers_common.py L293, L303-307: opts.eta_ancestral
-            kwargs['eta'] = shared.opts.eta_ancestral
         if 'sigma_min' in parameters:
             kwargs['sigma_min'] = sigma_sched[-2] if img2img else self.model_wrap.sigmas[0].item()
             kwargs['sigma_max'] = sigma_sched[0] if img2img else self.model_wrap.sigmas[-1].item()

@@ -1,7 +1,9 @@
 """modules/sd_samplers_timesteps.py and sd_samplers_timesteps_impl.py (v1.10.1): DDIM (impl
-L11-41, eta 0), DDIM CFG++ (impl L44-81), PLMS (impl L84-143), and UniPC's model calls and
+L11-41, with eta and its noise from k_diffusion.sampling.torch.randn_like, L16, L27-34), DDIM CFG++ (impl L44-81), PLMS (impl L84-143), and UniPC's model calls and
 step reports (see unipc()); CompVisTimestepsDenoiser / VDenoiser (L25-45),
 CFGDenoiserTimesteps (L48-72), CompVisSampler (L75-160)."""
+import k_diffusion.sampling
+import numpy as np
 import torch
 
 from modules import sd_samplers_cfg_denoiser, sd_samplers_common, shared
@@ -17,15 +19,19 @@ def _alphas(model, timesteps):
 @torch.no_grad()
 def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None, eta=0.0):
     alphas, alphas_prev, sqrt_one_minus_alphas = _alphas(model, timesteps)
+    sigmas = eta * np.sqrt((1 - alphas_prev.cpu().numpy()) / (1 - alphas.cpu()) * (1 - alphas.cpu() / alphas_prev.cpu().numpy()))
     s_in, s_x = x.new_ones((x.shape[0])), x.new_ones((x.shape[0], 1, 1, 1))
     for i in range(len(timesteps) - 1):
         index = len(timesteps) - 1 - i
         e_t = model(x, timesteps[index].item() * s_in, **extra_args)
         a_t = alphas[index].item() * s_x
         a_prev = alphas_prev[index].item() * s_x
+        sigma_t = sigmas[index].item() * s_x
         sqrt_one_minus_at = sqrt_one_minus_alphas[index].item() * s_x
         pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
-        x = a_prev.sqrt() * pred_x0 + (1. - a_prev).sqrt() * e_t
+        dir_xt = (1. - a_prev - sigma_t ** 2).sqrt() * e_t
+        noise = sigma_t * k_diffusion.sampling.torch.randn_like(x)
+        x = a_prev.sqrt() * pred_x0 + dir_xt + noise
         if callback is not None:
             callback({'x': x, 'i': i, 'sigma': 0, 'sigma_hat': 0, 'denoised': pred_x0})
     return x
@@ -158,6 +164,7 @@ samplers_timesteps = [('DDIM', ddim, {}), ('DDIM CFG++', ddim_cfgpp, {}), ('PLMS
 class CompVisSampler(sd_samplers_common.Sampler):
     def __init__(self, funcname, sd_model):
         super().__init__(funcname)
+        self.eta_option_field = 'eta_ddim'  # L79
         self.model_wrap_cfg = CFGDenoiserTimesteps(self)
         self.model_wrap = self.model_wrap_cfg.inner_model
 
@@ -170,17 +177,18 @@ class CompVisSampler(sd_samplers_common.Sampler):
         timesteps_sched = timesteps[:t_enc]
         a = shared.sd_model.alphas_cumprod[timesteps[t_enc]]
         xi = x * torch.sqrt(a) + noise * torch.sqrt(1 - a)
-        self.initialize(p)
+        extra = self.initialize(p)
         self.model_wrap_cfg.init_latent = x
         self.last_latent = x
         args = self._args(p, conditioning, unconditional_conditioning, image_conditioning)
-        extra = {'is_img2img': True} if self.func is unipc else {}
+        if self.func is unipc:
+            extra['is_img2img'] = True
         return self.launch_sampling(t_enc + 1, lambda: self.func(self.model_wrap_cfg, xi, timesteps=timesteps_sched, extra_args=args, disable=True, callback=self.callback_state, **extra))
 
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps = steps or p.steps
         timesteps = self.get_timesteps(p, steps)
-        self.initialize(p)
+        extra = self.initialize(p)
         self.last_latent = x
         args = self._args(p, conditioning, unconditional_conditioning, image_conditioning)
-        return self.launch_sampling(steps, lambda: self.func(self.model_wrap_cfg, x, timesteps=timesteps, extra_args=args, disable=True, callback=self.callback_state))
+        return self.launch_sampling(steps, lambda: self.func(self.model_wrap_cfg, x, timesteps=timesteps, extra_args=args, disable=True, callback=self.callback_state, **extra))

@@ -46,7 +46,7 @@ class Options:
 def default_opts():
     return Options(batch_cond_uncond=True, pad_cond_uncond=False, pad_cond_uncond_v0=False,
                    skip_early_cond=0.0, s_min_uncond_all=False, use_old_scheduling=False,
-                   img2img_fix_steps=False, eta_ancestral=1.0)
+                   img2img_fix_steps=False, eta_ancestral=1.0, eta_ddim=0.0)
 
 
 opts = default_opts()
