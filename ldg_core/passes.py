@@ -14,7 +14,7 @@ import torch
 
 from .clock import StepClock
 from .config import GuidanceConfig
-from .guidance import SemanticGuidance, concepts_needed
+from .guidance import SemanticGuidance
 from .safety import SafetyGuidance
 from .safety_config import SafetyConfig
 from .spaces import eps_from_output, output_change
@@ -30,12 +30,15 @@ class GuidancePass:
 
     def __init__(self, config: GuidanceConfig, *, clock: StepClock, eps_outputs: bool,
                  observer: Optional[Callable[[int, torch.Tensor], None]] = None,
-                 safety: Optional[SafetyConfig] = None, guidance_scale: float = 7.0):
+                 safety: Optional[SafetyConfig] = None, guidance_scale: float = 7.0,
+                 engine: Callable = SemanticGuidance):
         """`eps_outputs`: the sampler hands over eps (True) or x0 (False).
         `observer(index, mask)`: sees each acting concept's threshold mask (concept maps;
         index N for the safety concept). `safety`: Safe Latent Diffusion's settings, or None.
-        `guidance_scale`: the CFG scale the host applies in this pass (SLD's s_g)."""
-        self.engine = SemanticGuidance(config, end_step=clock.end_step, observer=observer)
+        `guidance_scale`: the CFG scale the host applies in this pass (SLD's s_g).
+        `engine`: the concepts' method, SemanticGuidance or inversion.LeditsGuidance (the same
+        interface)."""
+        self.engine = engine(config, end_step=clock.end_step, observer=observer)
         self.safety = (None if safety is None else
                        SafetyGuidance(safety, end_step=clock.end_step,
                                       observer=None if observer is None else
@@ -63,7 +66,7 @@ class GuidancePass:
     def can_act(self) -> bool:
         """Whether any concept, or the safety concept, can change any edit in this pass."""
         first, end = self.clock.offset, self.clock.end_step
-        return can_act(self.config, first, end) or (
+        return any(self.engine.needed(i) for i in range(first, end)) or (
             self.safety is not None and any(
                 self.safety.needed(i, self.cfg_scale) for i in range(first, end)))
 
@@ -102,11 +105,6 @@ class GuidancePass:
             edit = edit + self.safety.step(step=step, uncond=uncond, cond=cond, safety=safety,
                                            guidance_scale=scale)
         return output_change(edit, sigma, self.eps_outputs)
-
-
-def can_act(config: GuidanceConfig, first_step: int, end_step: int) -> bool:
-    """Whether any concept can change any edit in steps [first_step, end_step)."""
-    return any(concepts_needed(config, i, end_step) for i in range(first_step, end_step))
 
 
 def row_chunks(keys: Sequence, max_rows: int) -> List[slice]:
