@@ -10,6 +10,7 @@ whole argument list is worked out at once from that dict:
 - our key present but unreadable: nothing changes, and `warning` says why.
 Safe Latent Diffusion has a key of its own: present, its fields are set and it is switched
 on (with guidance, and with no concept when only SLD was used); absent, it is switched off.
+So has img2img's "Keep the image" (LEDITS++ inversion): on where present, off otherwise.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any, Dict, Mapping, Optional
 
 from .config import GuidanceConfig
 from .text_form import from_text, safety_from_text
-from .ui_args import SAFETY_START, SLOTS_END, args_from_config, safety_values
+from .ui_args import KEEP_IMAGE, SAFETY_START, SLOTS_END, args_from_config, safety_values
 
 INFOTEXT_KEY = "Latent Diffusion Guidance"
 SAFETY_KEY = "Safe Latent Diffusion"
+KEEP_IMAGE_KEY = "Latent Diffusion Guidance inversion"
 
 
 @dataclass(frozen=True)
@@ -34,16 +36,18 @@ class Paste:
 
 def paste_from_params(params: Mapping[str, Any]) -> Paste:
     text, safety_text = params.get(INFOTEXT_KEY), params.get(SAFETY_KEY)
+    keep = KEEP_IMAGE_KEY in params
     try:
         safety = None if safety_text is None else safety_from_text(safety_text)
         config: GuidanceConfig = (from_text(text) if text is not None else
-                                  GuidanceConfig() if safety is not None else None)
+                                  GuidanceConfig() if safety is not None or keep else None)
     except ValueError as error:
         return Paste(warning=f"{error}. The Latent Diffusion Guidance fields were left as they "
                              "were.")
     if config is None:
-        return Paste(values={0: False, SAFETY_START: False})
+        return Paste(values={0: False, SAFETY_START: False, KEEP_IMAGE: False})
     values = dict(enumerate(args_from_config(config, enabled=True)[:SLOTS_END]))
+    values[KEEP_IMAGE] = keep
     if safety is None:
         values[SAFETY_START] = False
     else:

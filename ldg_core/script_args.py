@@ -15,12 +15,12 @@ from typing import Any, Mapping, Optional, Sequence
 from .config import MAX_CONCEPTS, Concept, GuidanceConfig
 from .presets import Preset, find_preset
 from .safety_config import PRESETS as SAFETY_PRESETS, SafetyConfig
-from .ui_args import (CUSTOM, DIRECTIONS, NEVER, SAFETY_CONFIGS, SAFETY_FIELDS, SAFETY_NUMBERS,
-                      SAFETY_START, SLOT_FIELDS, SLOTS_END, args_from_config, config_from_args,
+from .ui_args import (CUSTOM, DIRECTIONS, KEEP_IMAGE, NEVER, SAFETY_CONFIGS, SAFETY_FIELDS,
+                      SAFETY_NUMBERS, SAFETY_START, SLOT_FIELDS, SLOTS_END, args_from_config, config_from_args,
                       default_args, safety_from_args, safety_values, slot_index)
 
 API_KEYS = ("enabled", "concepts", "momentum_scale", "momentum_beta", "preset", "concept_maps",
-            "safety")
+            "safety", "keep_image")
 SAFETY_KEYS = ("enabled", "config", "concept", "scale", "threshold", "warmup",
                "momentum_scale", "momentum_beta")
 # X/Y/Z axes: global keys, and (slot, field) pairs with the slot counted from 0.
@@ -35,10 +35,11 @@ class ScriptSettings:
     config: Optional[GuidanceConfig]  # None: no concept (disabled, or none given)
     concept_maps: bool = False
     safety: Optional[SafetyConfig] = None  # None: Safe Latent Diffusion off
+    keep_image: bool = False  # img2img: LEDITS++ inversion of the init image
 
     @property
     def active(self) -> bool:
-        return self.config is not None or self.safety is not None
+        return self.config is not None or self.safety is not None or self.keep_image
 
 
 def settings_from_args(args: Sequence[Any], presets: Mapping[str, Preset],
@@ -47,21 +48,25 @@ def settings_from_args(args: Sequence[Any], presets: Mapping[str, Preset],
     API's dict form; the WebUI fills the remaining positions with the UI's defaults, which are
     then ignored). `overrides` come from X/Y/Z plot axes."""
     if args and isinstance(args[0], Mapping):
-        config, maps, safety = _from_dict(args[0], presets)
+        config, maps, safety, keep = _from_dict(args[0], presets)
         if not overrides:
-            return ScriptSettings(config, maps, safety)
-        values = args_from_config(config, enabled=config is not None or safety is not None)
+            return ScriptSettings(config, maps, safety, keep)
+        values = args_from_config(config, enabled=config is not None or safety is not None
+                                  or keep)
         values[SLOTS_END] = maps
         values[SAFETY_START:SAFETY_START + len(SAFETY_FIELDS)] = safety_values(safety)
+        values[KEEP_IMAGE] = keep
     else:
         values = list(args) + default_args()[len(args):]
     if overrides:
         values = apply_overrides(values, overrides, presets)
-    maps = values[SLOTS_END]
-    if not isinstance(maps, bool):
-        raise ValueError(f"concept_maps must be true or false, got {maps!r}")
+    maps, keep = values[SLOTS_END], values[KEEP_IMAGE]
+    for key, value in (("concept_maps", maps), ("keep_image", keep)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
     config, safety = config_from_args(values), safety_from_args(values)
-    return ScriptSettings(config, maps and (config is not None or safety is not None), safety)
+    return ScriptSettings(config, maps and (config is not None or safety is not None), safety,
+                          keep and bool(values[0]))
 
 
 # -- the dict form -------------------------------------------------------------------------------
@@ -73,11 +78,12 @@ def _from_dict(data: Mapping[str, Any], presets: Mapping[str, Preset]):
                          + ", ".join(API_KEYS))
     enabled = data.get("enabled", True)
     maps = data.get("concept_maps", False)
-    for key, value in (("enabled", enabled), ("concept_maps", maps)):
+    keep = data.get("keep_image", False)
+    for key, value in (("enabled", enabled), ("concept_maps", maps), ("keep_image", keep)):
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, got {value!r}")
     if not enabled:
-        return None, False, None
+        return None, False, None, False
     safety = _safety(data["safety"]) if "safety" in data else None
     base = GuidanceConfig()
     if "preset" in data:
@@ -93,7 +99,7 @@ def _from_dict(data: Mapping[str, Any], presets: Mapping[str, Preset]):
         momentum_scale=data.get("momentum_scale", base.momentum_scale),
         momentum_beta=data.get("momentum_beta", base.momentum_beta))
     active = bool(config.concepts) or safety is not None
-    return (config if config.concepts else None), maps and active, safety
+    return (config if config.concepts else None), maps and active, safety, keep
 
 
 def _safety(data: Any) -> Optional[SafetyConfig]:

@@ -42,10 +42,13 @@ SAFETY_DEFAULTS = {"sld_enabled": False, "sld_config": SAFETY_DEFAULT_PRESET,
                    "sld_concept": DEFAULT_SAFETY_CONCEPT,
                    **{field: SAFETY_PRESETS[SAFETY_DEFAULT_PRESET][key]
                       for field, key in SAFETY_NUMBERS.items()}}
-EXTRA_FIELDS = ("concept_maps",) + SAFETY_FIELDS  # "Show where each concept acted", SLD
-EXTRA_DEFAULTS = {"concept_maps": False, **SAFETY_DEFAULTS}
+# "Show where each concept acted", SLD, then img2img's "Keep the image" (LEDITS++ inversion).
+EXTRA_FIELDS = ("concept_maps",) + SAFETY_FIELDS + ("keep_image",)
+EXTRA_DEFAULTS = {"concept_maps": False, **SAFETY_DEFAULTS, "keep_image": False}
 SLOTS_END = len(GLOBAL_FIELDS) + MAX_CONCEPTS * len(SLOT_FIELDS)
 SAFETY_START = SLOTS_END + 1  # where SAFETY_FIELDS begin
+SAFETY_END = SAFETY_START + len(SAFETY_FIELDS)
+KEEP_IMAGE = SAFETY_END  # the position of "keep_image"
 ARG_COUNT = SLOTS_END + len(EXTRA_FIELDS)
 
 

@@ -20,8 +20,11 @@ from .text_form import safety_to_text, to_text
 from .ui_args import MAX_ROWS_OPTION
 from .forge import (ForgeFunctions, ForgePass, calc_cond_batch_function, join_problem,
                     post_cfg_function)
+from .guidance import SemanticGuidance
+from .inversion import LeditsGuidance
 from .passes import GuidancePass
 from .webui_adapter import PassGuidance, WebUIFunctions, token_count
+from .webui_inversion import MODE_KEY, InvertingSampler, sampler_problem as inversion_problem
 
 log = logging.getLogger("latent_diffusion_guidance")
 
@@ -89,6 +92,17 @@ def _no_negative(host: str, setting: str, value: str = "1",
             "or turn guidance off")
 
 
+def keep_image_problem(p: Any, forge: Optional[ForgeFunctions]) -> Optional[str]:
+    """Why LEDITS++'s 'Keep the image' cannot run for `p`, said before sampling."""
+    if not hasattr(p, "init_images"):  # StableDiffusionProcessingImg2Img.s (processing.py L1558)
+        return ("'Keep the image' (LEDITS++ inversion) works in img2img, which has an image to "
+                "keep; turn it off in txt2img")
+    if forge is not None:
+        return (f"'Keep the image' (LEDITS++ inversion) is not available on {forge.name} yet; "
+                "turn it off, or use AUTOMATIC1111 WebUI 1.10")
+    return inversion_problem(p.sampler_name)
+
+
 def sampler_names(p: Any) -> List[str]:
     names = [p.sampler_name]
     hr_name = getattr(p, "hr_sampler_name", None)
@@ -101,8 +115,13 @@ class Generation:
     """Guidance state of one processing object `p`, across its batches and passes."""
 
     def __init__(self, p: Any, config: GuidanceConfig, modules: WebUIModules, cache: list,
-                 concept_maps: bool = False, safety: Optional[SafetyConfig] = None):
+                 concept_maps: bool = False, safety: Optional[SafetyConfig] = None,
+                 keep_image: bool = False):
         self.p = p
+        self.keep_image = keep_image  # LEDITS++: invert the init image, then edit it
+        self.inverter: Optional[InvertingSampler] = None
+        self.inverting = False  # the model calls now made are the inversion's
+        self.noise_map_bytes = 0  # the largest inversion's noise maps (benchmarks)
         self.config = config  # may hold no concept when only Safe Latent Diffusion is on
         self.safety = safety
         self.m = modules
@@ -125,11 +144,12 @@ class Generation:
     @classmethod
     def attach(cls, p: Any, config: Optional[GuidanceConfig], modules: WebUIModules,
                cache: list, error: Optional[Exception] = None,
-               concept_maps: bool = False,
-               safety: Optional[SafetyConfig] = None) -> Optional["Generation"]:
+               concept_maps: bool = False, safety: Optional[SafetyConfig] = None,
+               keep_image: bool = False) -> Optional["Generation"]:
         """Prepares `p` (from the script's process()). Disabled: touches nothing at all.
-        `safety`: Safe Latent Diffusion's settings, alone (config None) or with concepts."""
-        if error is None and config is None and safety is None:
+        `safety`: Safe Latent Diffusion's settings, alone (config None) or with concepts.
+        `keep_image`: img2img's LEDITS++ mode, which acts with no concept too."""
+        if error is None and config is None and safety is None and not keep_image:
             return None
         problem = str(error) if error is not None else model_problem(modules.shared.sd_model)
         for name in [] if problem else sampler_names(p):
@@ -140,12 +160,16 @@ class Generation:
                             for name in sampler_names(p)
                             for why in [modules.forge.sampler_problem(name)] if why), None)
             problem = problem or no_negative_problem(p, modules.forge)
+        if not problem and keep_image:
+            problem = keep_image_problem(p, modules.forge)
         if problem:
             _refuse_sampling(p, GuidanceError(problem))
             return None
         generation = cls(p, config if config is not None else GuidanceConfig(), modules, cache,
-                         concept_maps, safety)
+                         concept_maps, safety, keep_image)
         setattr(p, _ATTRIBUTE, generation)
+        if keep_image:
+            p.extra_generation_params[MODE_KEY] = "LEDITS++"
         if config is not None:
             p.extra_generation_params[INFOTEXT_KEY] = to_text(config)
         if safety is not None:
@@ -190,6 +214,8 @@ class Generation:
             self.register()
         else:
             self.unregister()
+        if self.keep_image:  # with or without concepts: the image is kept
+            self._invert_in(self.p.sampler)
 
     def _new_pass(self, c: Any, uc: Any):
         p, sampler, forge = self.p, self.p.sampler, self.m.forge
@@ -210,7 +236,8 @@ class Generation:
         # Forge hands every sampler's outputs over in x0; on A1111 timestep samplers give eps.
         guidance = GuidancePass(self.config, clock=clock, eps_outputs=timesteps and forge is None,
                                 observer=self._map_observer(), safety=self.safety,
-                                guidance_scale=self._cfg_scale())
+                                guidance_scale=self._cfg_scale(),
+                                engine=LeditsGuidance if self.keep_image else SemanticGuidance)
         if forge is not None:
             return ForgePass(guidance, denoiser=sampler.model_wrap_cfg, forge=forge,
                              concept_conds=lambda call: [
@@ -416,6 +443,17 @@ class Generation:
             raise error
         sampler.sample = sampler.sample_img2img = refuse
 
+    def _invert_in(self, sampler: Any) -> None:
+        """LEDITS++: the pass's sampler inverts the init latents before it samples."""
+        if self.inverter is not None and self.inverter.sampler is sampler:
+            return
+        if self.inverter is not None:
+            self.inverter.restore()
+
+        def quiet(on: bool) -> None:
+            self.inverting = on
+        self.inverter = InvertingSampler(sampler, seeds=lambda: self.p.seeds, quiet=quiet)
+
     # -- callbacks ---------------------------------------------------------------------------
 
     def register(self) -> None:
@@ -446,6 +484,10 @@ class Generation:
         self.registered = True
 
     def unregister(self) -> None:
+        if self.inverter is not None:
+            self.inverter.restore()
+            self.noise_map_bytes = max(self.noise_map_bytes, self.inverter.last_maps_bytes)
+            self.inverter = None
         if self._forge_unets is not None:
             unet, patched = self._forge_unets
             if self.p.sd_model.forge_objects.unet is patched:
@@ -459,7 +501,7 @@ class Generation:
 
     def on_cfg_denoiser(self, params) -> None:
         current = self.current
-        if current is None:
+        if current is None or self.inverting:  # the inversion's calls get no edit
             return
         if _model_key(self.m.shared.sd_model) != self.encoded_for:  # the SDXL refiner took over
             try:

@@ -19,8 +19,8 @@ from ldg_core.presets import all_presets, find_preset, save_user_preset, user_pr
 from ldg_core.script_args import GLOBAL_OVERRIDES, SAFETY_OVERRIDES, settings_from_args
 from ldg_core.safety_config import PRESETS as SLD_PRESETS
 from ldg_core.ui_args import (DIRECTIONS, GLOBAL_DEFAULTS, NEVER, SAFETY_CONFIGS,
-                              SAFETY_DEFAULTS, SAFETY_NUMBERS, SAFETY_START, SLOT_DEFAULTS,
-                              SLOT_FIELDS, SLOTS_END, MAX_ROWS_OPTION, args_from_config,
+                              SAFETY_DEFAULTS, SAFETY_END, SAFETY_NUMBERS, SAFETY_START,
+                              SLOT_DEFAULTS, SLOT_FIELDS, SLOTS_END, MAX_ROWS_OPTION, args_from_config,
                               config_from_args, safety_from_args, safety_values)
 
 log = logging.getLogger("latent_diffusion_guidance")
@@ -99,7 +99,13 @@ class LatentDiffusionGuidanceScript(scripts.Script):
                 groups.append(group)
                 slots.extend(fields)
             safety = self._safety_ui()
-        args = [enabled, momentum_scale, momentum_beta] + slots + [concept_maps] + safety
+            keep_image = gr.Checkbox(
+                label="Keep the image (LEDITS++ inversion)", value=False, visible=is_img2img,
+                elem_id=self.elem_id("ldg_keep_image"), elem_classes=["ldg-keep-image"],
+                info="inverts the init image first, so only what the concepts touch changes; "
+                     "sampler DDIM or DPM++ 2M SDE, one extra model call per step")
+        args = ([enabled, momentum_scale, momentum_beta] + slots + [concept_maps] + safety
+                + [keep_image])
         self._wire_presets(preset, preset_name, save, preset_status, args, groups)
         self._wire_paste(args, groups)
         return args
@@ -173,7 +179,7 @@ class LatentDiffusionGuidanceScript(scripts.Script):
 
     def _wire_presets(self, preset, preset_name, save, status, args, groups):
         settings = args[1:SLOTS_END]  # momentum scale, beta and every slot field
-        safety = args[SAFETY_START:]  # Safe Latent Diffusion's fields
+        safety = args[SAFETY_START:SAFETY_END]  # Safe Latent Diffusion's fields
 
         def fill(name):
             if not name:
@@ -233,18 +239,18 @@ class LatentDiffusionGuidanceScript(scripts.Script):
                                 + [(group, shown(s)) for s, group in enumerate(groups)])
 
     def process(self, p, *args):
-        from ldg_core.webui_generation import (INFOTEXT_KEY, SAFETY_KEY, SEPARATE_CALL_KEY,
-                                               Generation)
-        for key in (INFOTEXT_KEY, SAFETY_KEY, SEPARATE_CALL_KEY):  # ours, from an earlier cell
+        from ldg_core.webui_generation import (INFOTEXT_KEY, MODE_KEY, SAFETY_KEY,
+                                               SEPARATE_CALL_KEY, Generation)
+        for key in (INFOTEXT_KEY, SAFETY_KEY, SEPARATE_CALL_KEY, MODE_KEY):  # an earlier cell's
             p.extra_generation_params.pop(key, None)
         try:
             settings = settings_from_args(args, presets(), getattr(p, XYZ_ATTRIBUTE, None))
-            config, maps, safety, error = (settings.config, settings.concept_maps,
-                                           settings.safety, None)
+            config, maps, safety, keep, error = (settings.config, settings.concept_maps,
+                                                 settings.safety, settings.keep_image, None)
         except ValueError as bad:
-            config, maps, safety, error = None, False, None, bad
+            config, maps, safety, keep, error = None, False, None, False, bad
         Generation.attach(p, config, webui_modules(), _conds_cache, error, concept_maps=maps,
-                          safety=safety)
+                          safety=safety, keep_image=keep)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         from ldg_core.webui_generation import Generation

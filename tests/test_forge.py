@@ -319,3 +319,13 @@ def test_with_a_self_attention_replacement_each_concept_gets_its_own_call(forge)
     alone = guided(p_kwargs)[1]
     assert forge.model.calls == [2, 2, 2, 2] * 4
     assert torch.equal(alone, stacked)  # the double's model has no shared attention
+
+
+def test_keep_the_image_is_refused_before_sampling(forge):
+    from ldg_core.ui_args import KEEP_IMAGE
+    args = h.script_args([{"prompt": "glasses"}])
+    args[KEEP_IMAGE] = True
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match="'Keep the image' .* is not available on Forge yet"):
+        h.generate({"sampler_name": "DDIM", "steps": 4, "init_latent": init}, args)
+    assert forge.model.calls == []

@@ -13,7 +13,7 @@ from tests import webui_harness as h
 from tests.webui_double.model import TinySD
 from ldg_core.presets import BUILTIN_PRESETS
 from ldg_core import SafetyConfig
-from ldg_core.ui_args import SAFETY_START, SLOTS_END, default_args
+from ldg_core.ui_args import KEEP_IMAGE, SAFETY_END, SAFETY_START, SLOTS_END, default_args
 from modules import infotext_utils, paths_internal, script_callbacks, scripts, shared
 
 KEY = "Latent Diffusion Guidance"
@@ -56,7 +56,7 @@ def pasted(script, components, infotext):
 
 def settings_and_safety(args):
     """What the Save preset button sends: momentum, slots, then Safe Latent Diffusion's part."""
-    return args[1:SLOTS_END] + args[SAFETY_START:]
+    return args[1:SLOTS_END] + args[SAFETY_START:SAFETY_END]
 
 
 def set_values(components, values):
@@ -82,7 +82,8 @@ def test_paste_round_trip_through_the_webui_writer_and_parser(count):
     values, _ = pasted(script, components, infotext)
     expected = list(args)
     expected[SLOTS_END] = None  # "Show where each concept acted" is not an image parameter
-    expected[SAFETY_START + 1:] = [None] * (len(expected) - SAFETY_START - 1)  # SLD off: kept
+    expected[SAFETY_START + 1:SAFETY_END] = [None] * (SAFETY_END - SAFETY_START - 1)  # SLD off
+    expected[KEEP_IMAGE] = False  # no inversion key: "Keep the image" off
     assert values == expected
 
 
@@ -115,9 +116,9 @@ def test_parameters_of_an_image_made_without_the_extension_paste_as_disabled():
     script, components = build_ui()
     set_values(components, h.script_args([{"prompt": "hat"}]))
     values, _ = pasted(script, components, infotext)
-    assert values[0] is False and values[SAFETY_START] is False
-    del values[SAFETY_START]
-    assert values[1:] == [None] * (len(components) - 2)  # the rest as it was
+    assert values[0] is False and values[SAFETY_START] is False and values[KEEP_IMAGE] is False
+    del values[KEEP_IMAGE], values[SAFETY_START]
+    assert values[1:] == [None] * (len(components) - 3)  # the rest as it was
 
 
 def test_a_malformed_value_leaves_the_fields_and_warns_once(caplog):
@@ -302,11 +303,12 @@ def test_an_image_without_sld_pastes_sld_off_and_a_bad_value_changes_nothing(cap
 def test_sld_part_of_the_ui_and_its_configuration_fills_the_numbers(recording_blocks):
     script, components = build_ui()
     assert [c.value for c in components[SAFETY_START:]] == default_args()[SAFETY_START:]
+    assert components[KEEP_IMAGE].kwargs["label"].startswith("Keep the image")
     config = next(b for b in recording_blocks if b.kwargs.get("label") == "Configuration")
     assert config.kwargs["choices"] == ["weak", "medium", "strong", "max", "custom"]
     _, pick, _, outputs = event(config, "change")
     assert [u["value"] for u in pick("max")] == [5000.0, 1.0, 0, 0.5, 0.7]
-    assert outputs == components[SAFETY_START + 3:]
+    assert outputs == components[SAFETY_START + 3:SAFETY_END]
     assert pick("custom") == [{"__type__": "update"}] * 5
     info = [b for b in recording_blocks if "are not SLD" in str(b.args[:1])]
     assert info, "the SLD part says that the SEGA Safety presets are not SLD"
@@ -327,10 +329,11 @@ def test_presets_carry_the_sld_part(recording_blocks, tmp_path):
     dropdown = next(b for b in recording_blocks if b.kwargs.get("label") == "Preset")
     _, fill, _, outputs = event(dropdown, "change")
     by_output = {id(o): u for o, u in zip(outputs, fill("Safe neon"))}
-    assert [by_output[id(c)]["value"] for c in components[SAFETY_START:]] == \
-        h.script_args([], safety=safety)[SAFETY_START:]
+    assert [by_output[id(c)]["value"] for c in components[SAFETY_START:SAFETY_END]] == \
+        h.script_args([], safety=safety)[SAFETY_START:SAFETY_END]
     by_output = {id(o): u for o, u in zip(outputs, fill("Style transfer"))}  # no SLD part
-    assert all(by_output[id(c)] == {"__type__": "update"} for c in components[SAFETY_START:])
+    assert all(by_output[id(c)] == {"__type__": "update"}
+               for c in components[SAFETY_START:SAFETY_END])
     # the API's dict form and the X/Y/Z preset axis take the preset's SLD part too
     settings = h.SCRIPT_MODULE.settings_from_args([{"preset": "Only SLD"}],
                                                   h.SCRIPT_MODULE.presets())

@@ -41,11 +41,25 @@ def test_positional_layout_of_the_readme():
 
 def test_concept_maps_is_the_argument_after_the_ten_slots():
     args = script_args([{"prompt": "glasses"}])
-    assert len(args) == 3 + 10 * 8 + 1 + 8  # + Safe Latent Diffusion's part, appended
+    assert len(args) == 3 + 10 * 8 + 1 + 8 + 1  # + SLD's part, then "Keep the image"
     args[3 + 10 * 8] = True
     assert parse(args).concept_maps is True
     args[0] = False  # disabled: nothing to map
     assert parse(args) .concept_maps is False
+
+
+def test_keep_image_is_the_last_argument_and_a_key_of_the_dict_form():
+    args = script_args([])
+    args[3 + 10 * 8 + 1 + 8] = True
+    settings = parse(args)  # no concept: the image is kept (and nothing else changes)
+    assert settings.keep_image is True and settings.active and settings.config is None
+    args[0] = False
+    assert parse(args).keep_image is False and not parse(args).active
+    assert parse([{"keep_image": True}]).keep_image is True
+    assert parse([{"keep_image": True, "enabled": False}]).active is False
+    assert parse(script_args([{"prompt": "hat"}])).keep_image is False  # older positional calls
+    with pytest.raises(ValueError, match="keep_image must be true or false, got 'yes'"):
+        parse([{"keep_image": "yes"}])
 
 
 def test_empty_or_unticked_positional_slots_are_unused():

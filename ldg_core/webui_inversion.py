@@ -1,0 +1,164 @@
+"""LEDITS++ in the WebUI's img2img: invert the init image with the sampler's own step, then
+sample from what the inversion found.
+
+The WebUI's img2img sampling ends in one call of the sampler function (`sampler.func`, from
+launch_sampling in sample_img2img: sd_samplers_kdiffusion.py L134-187,
+sd_samplers_timesteps.py L98-139), with the CFG denoiser, the schedule of the pass and the
+init latents already set on the denoiser. While the mode is on, that function is wrapped:
+  1. the init latents are inverted (ldg_core.inversion) on that schedule: one call of the
+     WebUI's own CFG denoiser per step, at the noised image, with the call counter the
+     sampler would have there, so prompt schedules, ControlNet and the mask blend act on the
+     inversion exactly as on the sampling that follows;
+  2. the sampler runs from the inverted start with the noise maps in place of its random
+     noise (DDIM: k_diffusion.sampling.torch.randn_like, which the WebUI's DDIM calls,
+     sd_samplers_timesteps_impl.py L33; DPM++ 2M SDE: the noise_sampler argument), eta 1.
+Without concepts the result is the init latents, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from .inversion import DDIMRule, DPMpp2MSDERule, NoiseMaps, invert
+from .paste import KEEP_IMAGE_KEY as MODE_KEY
+
+# The samplers whose noise can be solved for: a noise term added once per step, after a
+# deterministic update of the step's one model output. DPM++ 2M SDE Heun differs from DPM++ 2M
+# SDE only in its second-order correction, which is deterministic too.
+SUPPORTED_SAMPLERS = ("DDIM", "DPM++ 2M SDE", "DPM++ 2M SDE Heun")
+
+
+def sampler_problem(name: str) -> Optional[str]:
+    if name in SUPPORTED_SAMPLERS:
+        return None
+    return (f"'Keep the image' (LEDITS++ inversion) needs a sampler whose random noise can be "
+            f"solved for, one of {', '.join(SUPPORTED_SAMPLERS)}; {name!r} is not one of them")
+
+
+def ddim_rule(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor,
+              eta: float = 1.0) -> DDIMRule:
+    """The WebUI DDIM's numbers for its steps over `timesteps`, computed as ddim() computes
+    them (sd_samplers_timesteps_impl.py L12-16, L23-28), so inversion and sampling round alike:
+    step i uses index len(timesteps) - 1 - i."""
+    float64 = torch.float32 if like.device.type in ("mps", "xpu") else torch.float64
+    alphas = alphas_cumprod[timesteps]
+    alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].to(float64)
+    sqrt_one_minus = torch.sqrt(1 - alphas)
+    sigmas = eta * np.sqrt((1 - alphas_prev.cpu().numpy()) / (1 - alphas.cpu())
+                           * (1 - alphas.cpu() / alphas_prev.cpu().numpy()))
+    order = range(len(timesteps) - 1, 0, -1)
+    return DDIMRule([alphas[i].item() for i in order], [alphas_prev[i].item() for i in order],
+                    [sigmas[i].item() for i in order], [sqrt_one_minus[i].item() for i in order])
+
+
+class _NoiseMapsAsRandom:
+    """Stands in for k_diffusion.sampling.torch while the WebUI's DDIM runs: its randn_like
+    returns the next noise map; everything else is torch's."""
+
+    def __init__(self, maps: NoiseMaps):
+        self._maps = iter(maps.noise)
+
+    def randn_like(self, x):
+        return next(self._maps)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+class _AddResidualAtLast:
+    """The CFG denoiser, with NoiseMaps.residual added to its output at the last sigma (DPM++
+    2M SDE's last step returns that output as the image)."""
+
+    def __init__(self, model, residual: torch.Tensor, last_sigma: torch.Tensor):
+        self._model, self._residual, self._last = model, residual, last_sigma
+
+    def __call__(self, x, sigma, **kwargs):
+        out = self._model(x, sigma, **kwargs)
+        return out + self._residual if bool(sigma[0] == self._last) else out
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def image_noise(seeds, x0: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """Each step's noise for the noised images: per image, a generator of the image's seed,
+    so an image inverts the same whether it is alone or in a batch."""
+    generators = [torch.Generator().manual_seed(int(seed) + 1) for seed in seeds]
+
+    def noise(step: int) -> torch.Tensor:
+        return torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(
+            x0.device, x0.dtype)
+    return noise
+
+
+class InvertingSampler:
+    """Wraps one WebUI sampler's function for the passes of one generation."""
+
+    def __init__(self, sampler: Any, seeds: Callable[[], Any],
+                 quiet: Callable[[bool], None]):
+        """`seeds()`: the current batch's seeds. `quiet(on)`: tells guidance that the calls
+        now made are the inversion's (no edit there)."""
+        self.sampler, self.seeds, self.quiet = sampler, seeds, quiet
+        self.original = sampler.__dict__.get("func")
+        self.last_maps_bytes = 0
+
+        def run(model, x, *args, **kwargs):
+            return self._run(model, x, *args, **kwargs)
+        # The WebUI picks the arguments it passes by the function's signature
+        # (inspect.signature(self.func), sd_samplers_kdiffusion.py L151): keep the original's.
+        self.wrapper = functools.update_wrapper(run, self.original)
+        self.wrapper.ldg_inversion = self  # what a stale wrapper is recognised by
+        sampler.func = self.wrapper
+
+    def restore(self) -> None:
+        if self.sampler.__dict__.get("func") is self.wrapper:
+            self.sampler.func = self.original
+
+    def _run(self, model, x, *args, **kwargs):
+        timesteps = kwargs.get("timesteps")
+        x0 = model.init_latent
+        if timesteps is not None:  # the WebUI's DDIM: eps outputs at timesteps
+            rule = ddim_rule(model.inner_model.inner_model.alphas_cumprod, timesteps, x0)
+            times = [timesteps[len(timesteps) - 1 - i].item() for i in range(rule.steps)]
+        else:  # k-diffusion: denoised outputs at sigmas
+            sigmas = kwargs["sigmas"]
+            rule = DPMpp2MSDERule(sigmas, kwargs.get("solver_type", "midpoint"))
+            times = [sigmas[i] for i in range(rule.steps)]
+        extra_args = kwargs.get("extra_args") or {}
+        s_in = x0.new_ones((x0.shape[0],))
+
+        def call(step: int, latent: torch.Tensor) -> torch.Tensor:
+            model.step = step  # the call counter the sampler's own call would have here
+            return model(latent, times[step] * s_in, **extra_args)
+
+        self.quiet(True)
+        try:
+            maps = invert(rule, x0, call, image_noise(self.seeds(), x0))
+        finally:
+            self.quiet(False)
+            model.step = 0
+        self.last_maps_bytes = maps.nbytes()
+        kwargs["eta"] = 1.0
+        if "s_noise" in kwargs:
+            kwargs["s_noise"] = 1.0
+        if timesteps is not None:
+            return self._run_ddim(model, maps, args, kwargs)
+        stream = iter(z for z in maps.noise if z is not None)
+        kwargs["noise_sampler"] = lambda sigma, sigma_next: next(stream)
+        if maps.residual is not None:
+            model = _AddResidualAtLast(model, maps.residual, kwargs["sigmas"][-2])
+        return self.original(model, maps.start, *args, **kwargs)
+
+    def _run_ddim(self, model, maps: NoiseMaps, args, kwargs: Dict[str, Any]):
+        import k_diffusion.sampling  # the WebUI's DDIM draws its noise through this module
+
+        hijack = k_diffusion.sampling.torch
+        k_diffusion.sampling.torch = _NoiseMapsAsRandom(maps)
+        try:
+            return self.original(model, maps.start, *args, **kwargs)
+        finally:
+            k_diffusion.sampling.torch = hijack

@@ -1,0 +1,166 @@
+"""img2img's "Keep the image" (LEDITS++ inversion) in the WebUI test double, with the real
+k-diffusion DPM++ 2M SDE and the double's copy of the WebUI's DDIM (eta and its noise hook
+included). The oracle for reconstruction is the input itself; tests/test_inversion_reference.py
+holds the math to diffusers' LEditsPPPipelineStableDiffusion."""
+import re
+
+import pytest
+import torch
+
+from tests import webui_harness as h
+from tests.webui_harness import webui_state  # noqa: F401 (autouse: a fresh double per test)
+from tests.webui_double.model import TinySD
+from ldg_core.ui_args import KEEP_IMAGE
+from modules import script_callbacks, shared
+
+SAMPLERS = ["DDIM", "DPM++ 2M SDE", "DPM++ 2M SDE Heun"]
+CONCEPT = {"prompt": "glasses", "scale": 60.0, "warmup": 1, "threshold": 0.7}
+
+
+def keep_args(concepts=(), **settings):
+    args = h.script_args(concepts, **settings)
+    args[KEEP_IMAGE] = True
+    return args
+
+
+def init_latent(batch=1, height=8, width=8, seed=5):
+    return torch.randn(batch, 4, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def img2img(sampler, init, strength=0.6, steps=10, **kw):
+    return dict({"sampler_name": sampler, "steps": steps, "init_latent": init,
+                 "denoising_strength": strength}, **kw)
+
+
+class CallCounter:
+    """Counts the CFG denoiser's calls of the generation (registered after our script)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        script_callbacks.on_cfg_denoiser(self.count, name="counter")
+
+    def count(self, params):
+        self.steps.append(params.denoiser.step)
+
+    def postprocess(self, p, processed, *args):
+        script_callbacks.remove_callbacks_for_function(self.count)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("batch,height,width", [(1, 8, 8), (2, 8, 12)])
+def test_no_concept_gives_the_init_latents_back(sampler, batch, height, width):
+    init = init_latent(batch, height, width)
+    p, out = h.generate(img2img(sampler, init, batch_size=batch), keep_args())
+    torch.testing.assert_close(out, init, rtol=0, atol=2e-5)
+    plain = h.generate(img2img(sampler, init, batch_size=batch))[1]
+    assert (plain - init).abs().max() > 0.1, "plain img2img redraws the image"
+    assert p.extra_generation_params["Latent Diffusion Guidance inversion"] == "LEDITS++"
+    assert not hasattr(p.sampler.func, "ldg_inversion"), "the sampler's function is restored"
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_reconstruction_holds_for_sdxl_conditioning_and_other_prompts(sdxl):
+    shared.sd_model = TinySD(sdxl=sdxl)
+    init = init_latent(2)
+    p_kwargs = img2img("DPM++ 2M SDE", init, batch_size=2, prompt="a [cat:dog:3], photo",
+                       negative_prompt="blurry", cfg_scale=5.0)
+    out = h.generate(p_kwargs, keep_args())[1]
+    torch.testing.assert_close(out, init, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_concept_changes_the_image_only_where_its_mask_acts(sampler):
+    init = init_latent(1, 8, 12)
+    out = h.generate(img2img(sampler, init, strength=0.8), keep_args([CONCEPT]))[1]
+    plain = h.generate(img2img(sampler, init, strength=0.8))[1]
+    change = (out - init).abs()
+    assert change.max() > 1e-2, "the concept had no effect"
+    # Far less changes than in plain img2img at the same strength: the rest is kept.
+    assert change.mean() < 0.5 * (plain - init).abs().mean()
+
+
+def test_inversion_costs_one_model_call_per_step_and_keeps_the_prompt_clock():
+    init = init_latent()
+    counter = CallCounter()
+    p, _ = h.generate(img2img("DPM++ 2M SDE", init, steps=10, strength=0.6), keep_args(),
+                      extra_scripts=[(counter, [])])
+    t_enc = int(0.6 * 10)
+    steps = list(range(t_enc + 1))
+    # The inversion's calls carry the counter the sampler's own calls have at those points.
+    assert counter.steps == steps + steps
+
+
+def test_the_sampler_function_is_restored_and_nothing_stays_registered():
+    init = init_latent()
+    p, _ = h.generate(img2img("DDIM", init), keep_args([CONCEPT]))
+    assert p.sampler.func.__name__ == "ddim" and not hasattr(p.sampler.func, "ldg_inversion")
+    assert script_callbacks.registered_count() == 0
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M", "DPM++ SDE", "PLMS"])
+def test_other_samplers_are_refused_before_sampling_with_the_ones_that_work(sampler):
+    init = init_latent()
+    counter = CallCounter()
+    with pytest.raises(Exception, match="'Keep the image' .* needs a sampler whose random noise "
+                                        "can be solved for, one of DDIM, DPM\\+\\+ 2M SDE, "
+                                        f"DPM\\+\\+ 2M SDE Heun; '{re.escape(sampler)}' is not one"):
+        h.generate(img2img(sampler, init), keep_args([CONCEPT]), extra_scripts=[(counter, [])])
+    assert counter.steps == []
+
+
+def test_txt2img_is_refused():
+    with pytest.raises(Exception, match="'Keep the image' .* works in img2img"):
+        h.generate({"sampler_name": "DDIM", "steps": 6}, keep_args([CONCEPT]))
+
+
+def test_keep_image_off_is_plain_guidance_and_disabled_is_bit_identical():
+    init = init_latent()
+    p_kwargs = img2img("DPM++ 2M SDE", init)
+    plain = h.generate(p_kwargs)[1]
+    off = h.generate(p_kwargs, keep_args([CONCEPT], enabled=False))[1]
+    assert torch.equal(off, plain)
+
+
+def test_inpainting_mask_keeps_the_preserved_area():
+    init = init_latent(1, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1.0
+    p_kwargs = img2img("DPM++ 2M SDE", init, strength=0.8, mask=mask, nmask=1 - mask)
+    out = h.generate(p_kwargs, keep_args([CONCEPT]))[1]
+    assert torch.equal(out * mask, init * mask)
+    assert ((out - init) * (1 - mask)).abs().max() > 1e-2
+
+
+def test_an_interrupt_during_inversion_leaves_nothing_behind():
+    init = init_latent()
+
+    class Interrupter:
+        def process_before_every_sampling(self, p, *args, **kwargs):
+            script_callbacks.on_cfg_denoiser(self.stop, name="stopper")
+
+        def stop(self, params):
+            if params.denoiser.step == 2:
+                shared.state.interrupted = True
+
+        def postprocess(self, p, processed, *args):
+            script_callbacks.remove_callbacks_for_function(self.stop)
+    try:
+        p, _ = h.generate(img2img("DDIM", init), keep_args([CONCEPT]),
+                          extra_scripts=[(Interrupter(), [])])
+    finally:
+        shared.state.interrupted = False
+    assert not hasattr(p.sampler.func, "ldg_inversion")
+
+
+def test_noise_maps_take_one_latent_per_step_and_are_dropped_when_sampling_ends():
+    from ldg_core.webui_generation import Generation
+    init = init_latent(2, 8, 12)
+    p, _ = h.generate(img2img("DPM++ 2M SDE", init, batch_size=2, steps=10, strength=0.6),
+                      keep_args())
+    generation = Generation.of(p)
+    steps = int(0.6 * 10) + 1  # the sigmas run: t_enc + 1 steps
+    # the start, a map per step but the last, and the last step's residual
+    assert generation.noise_map_bytes == (steps + 1) * init.numel() * init.element_size()
+    assert generation.inverter is None
