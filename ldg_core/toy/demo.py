@@ -2,8 +2,9 @@
 
 `python -m ldg_core.toy.demo [--out PATH] [--seeds N]` draws a captioned PNG grid of the method
 authors' example applications (add, remove, boost, suppress, several concepts at once),
-sweeps of scale, threshold and warmup, and our "Safety" presets next to Safe Latent Diffusion's
-configurations (a colour stands in for the concept to remove), prints a table of the measured
+sweeps of scale, threshold and warmup, our "Safety" presets next to Safe Latent Diffusion's
+configurations (a colour stands in for the concept to remove), editing a picture in img2img
+with "Keep the image" (LEDITS++ inversion) next to plain img2img, prints a table of the measured
 effects over several seeds, and prints the PNG's path as its last line.
 """
 
@@ -23,7 +24,7 @@ from ..config import Concept, GuidanceConfig
 from ..presets import BUILTIN_PRESETS
 from ..safety_config import PRESETS as SLD_PRESETS
 from ..safety_config import SafetyConfig
-from . import load
+from . import data, load
 from .measure import colour_share, layout_overlap
 
 DEFAULT_OUT = "ldg_toy_demo.png"
@@ -37,6 +38,9 @@ class Cell:
     guidance: Optional[GuidanceConfig] = None
     negative_prompt: str = ""
     safety: Optional[SafetyConfig] = None
+    image: Optional[np.ndarray] = None  # img2img's input (strength 0: the input itself)
+    strength: float = 0.0
+    keep_image: bool = False  # LEDITS++ inversion
 
 
 @dataclass
@@ -75,6 +79,24 @@ def safety_rows(colour: str = "red") -> List[Row]:
             for level in levels
         ], colour, range(1, 5)),
     ]
+
+
+def edit_rows(colour: str = "red") -> List[Row]:
+    """img2img of a rendered picture at strength 0.75 (DPM++ 2M SDE): plain, and keeping the
+    image (LEDITS++), each without and with "remove <colour>"."""
+    picture = data.render(data.Scene("circle", colour, "large", "white", (16.0, 16.0), 10.0))
+    prompt = f"a {colour} circle"
+    remove = guided(concept(colour, reverse=True))
+    return [Row(f'img2img: remove "{colour}"', [
+        Cell("input picture", prompt, image=picture),
+        Cell("img2img 0.75", prompt, image=picture, strength=0.75),
+        Cell(f'img2img 0.75, LDG remove "{colour}"', prompt, remove, image=picture,
+             strength=0.75),
+        Cell("keep the image (LEDITS++), no concept", prompt, image=picture, strength=0.75,
+             keep_image=True),
+        Cell(f'keep the image, remove "{colour}"', prompt, remove, image=picture, strength=0.75,
+             keep_image=True),
+    ], colour, range(1, 5))]
 
 
 def rows() -> List[Row]:
@@ -122,7 +144,7 @@ def rows() -> List[Row]:
             Cell(f"warmup {w}", free, guided(concept("blue", warmup=w)))
             for w in (0, 2, 4, 6, 10, 15)
         ], "blue", range(1, 7)),
-    ] + safety_rows()
+    ] + safety_rows() + edit_rows()
 
 
 def measure_rows(pipe, table: List[Row], seeds: int, progress) -> dict:
@@ -131,11 +153,20 @@ def measure_rows(pipe, table: List[Row], seeds: int, progress) -> dict:
     for r, row in enumerate(table):
         for c, cell in enumerate(row.cells):
             for seed in range(seeds):
-                images[r, c, seed] = pipe.generate(cell.prompt, seed=seed, guidance=cell.guidance,
-                                                   negative_prompt=cell.negative_prompt,
-                                                   safety=cell.safety)
+                images[r, c, seed] = make(pipe, cell, seed)
                 progress.update()
     return images
+
+
+def make(pipe, cell: Cell, seed: int) -> np.ndarray:
+    if cell.image is None:
+        return pipe.generate(cell.prompt, seed=seed, guidance=cell.guidance,
+                             negative_prompt=cell.negative_prompt, safety=cell.safety)
+    if not cell.strength:
+        return cell.image
+    return pipe.edit(cell.image, cell.prompt, seed=seed, strength=cell.strength,
+                     keep_image=cell.keep_image, guidance=cell.guidance,
+                     negative_prompt=cell.negative_prompt)
 
 
 def effects(table: List[Row], images: dict, seeds: int) -> List[tuple]:
@@ -199,7 +230,8 @@ def main(argv=None) -> str:
     with tqdm(total=total, desc="generating", unit="image") as progress:
         images = measure_rows(pipe, table, args.seeds, progress)
     draw_grid(table, images, args.out)
-    print(f"\nMeasured effects, mean of {args.seeds} seeds (20 Euler steps, CFG 7). "
+    print(f"\nMeasured effects, mean of {args.seeds} seeds (20 Euler steps, CFG 7; img2img: "
+          "20 DPM++ 2M SDE steps, before = the input picture). "
           "Layout kept: overlap of the shape with the plain image's (1 = same place and form).")
     print(f"{'application':32} {'edit':46} {'colour':7} {'before':>6} {'after':>6} "
           f"{'layout kept':>11}")

@@ -18,6 +18,7 @@ import torch
 
 from ..config import GuidanceConfig
 from ..clock import StepClock, step_clock
+from ..guidance import SemanticGuidance
 from ..passes import GuidancePass
 from ..safety import SafetyGuidance
 from ..safety_config import SafetyConfig
@@ -30,6 +31,7 @@ SAMPLERS = {
     "euler_a": ("sample_euler_ancestral", "Euler a", False),
     "dpmpp_2m": ("sample_dpmpp_2m", "DPM++ 2M", False),
     "heun": ("sample_heun", "Heun", True),
+    "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", "DPM++ 2M SDE", False),
     "ddim": (None, "DDIM", False),
 }
 
@@ -72,6 +74,7 @@ class CFGDenoiser:
         self.step = 0  # model calls so far, as the WebUI's denoiser counts them
         self.p = None  # the owner the callbacks look for
         self.mask = None  # no inpainting here
+        self.init_latent = None  # img2img: the image's latents
 
     def __call__(self, x, sigma, *, cond, uncond, cond_scale):
         images = x.shape[0]
@@ -107,20 +110,24 @@ def toy_functions(empty: torch.Tensor) -> WebUIFunctions:
         skips_uncond=lambda denoiser, sigma: False, condition=lambda cond, image_cond: cond)
 
 
-def pass_clock(sampler: str, steps: int) -> StepClock:
-    """The step clock of a txt2img pass of `steps` steps, as the WebUI extension makes it."""
+def pass_clock(sampler: str, steps: int, t_enc: Optional[int] = None) -> StepClock:
+    """The step clock of a pass of `steps` steps, as the WebUI extension makes it: txt2img, or
+    img2img running the last `t_enc` + 1 sigmas of the schedule (k-diffusion samplers)."""
     _, label, second_order = SAMPLERS[sampler]
     count = len(range(0, 1000, 1000 // steps)) if sampler == "ddim" else None  # DDIM timesteps
-    return step_clock(label, second_order=second_order, steps=steps, timestep_count=count)
+    return step_clock(label, second_order=second_order, steps=steps, timestep_count=count,
+                      img2img_schedule=None if t_enc is None else (steps, t_enc))
 
 
 def attach_guidance(denoiser: CFGDenoiser, config: GuidanceConfig, sampler: str, images: int,
                     concepts: List[torch.Tensor], empty: torch.Tensor, steps: int,
-                    observer: Optional[Callable] = None) -> PassGuidance:
-    """Guidance for one pass, set up as the WebUI extension sets it up for a txt2img pass."""
+                    observer: Optional[Callable] = None, t_enc: Optional[int] = None,
+                    engine: Callable = SemanticGuidance) -> PassGuidance:
+    """Guidance for one pass, set up as the WebUI extension sets it up (`t_enc`: img2img's;
+    `engine`: inversion.LeditsGuidance for LEDITS++'s edit)."""
     guidance = PassGuidance(
-        GuidancePass(config, clock=pass_clock(sampler, steps), eps_outputs=sampler == "ddim",
-                     observer=observer),
+        GuidancePass(config, clock=pass_clock(sampler, steps, t_enc),
+                     eps_outputs=sampler == "ddim", observer=observer, engine=engine),
         owner=denoiser, concept_schedules=concepts, first_prompt_rows=list(range(images)),
         webui=toy_functions(empty))
     _add_callbacks(denoiser, guidance)

@@ -1,4 +1,6 @@
-"""The toy model's text-to-image pipeline: prompt -> conditioning -> sampler -> image."""
+"""The toy model's pipelines: text-to-image (prompt -> conditioning -> sampler -> image), and
+image-to-image with DPM++ 2M SDE, plain or keeping the image (LEDITS++ inversion, through the
+same InvertingSampler as in the WebUI)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import GuidanceConfig
+from ..guidance import SemanticGuidance
+from ..inversion import LeditsGuidance
 from ..safety_config import SafetyConfig
+from ..webui_inversion import InvertingSampler
 from .host import SAMPLERS, CFGDenoiser, attach_guidance, attach_safety
-from .model import LATENT_CHANNELS, LATENT_SIZE, ToyModel, latent_to_image
+from .model import LATENT_CHANNELS, LATENT_SIZE, ToyModel, image_to_latent, latent_to_image
 
 WEIGHTS = os.path.join(os.path.dirname(__file__), "toy_model.safetensors")
 
@@ -91,11 +96,50 @@ class ToyPipeline:
         sigmas = self._k_model.get_sigmas(steps)
         function = getattr(k, SAMPLERS[sampler][0])
         extra = {}
-        if sampler == "euler_a":  # its fresh noise comes from the seed too
+        if sampler in ("euler_a", "dpmpp_2m_sde"):  # their fresh noise comes from the seed too
             extra["noise_sampler"] = lambda sigma, next_sigma: torch.randn(
                 noise.shape, generator=gen)
         return function(denoiser, noise * sigmas[0], sigmas, extra_args=args, disable=True,
                         **extra)
+
+    @torch.no_grad()
+    def edit(self, image: np.ndarray, prompt: str, *, seed: int, steps: int = 20,
+             strength: float = 0.75, cfg_scale: float = 7.0, keep_image: bool = True,
+             guidance: Optional[GuidanceConfig] = None, negative_prompt: str = "") -> np.ndarray:
+        """img2img of `image` (uint8 [32, 32, 3]) with DPM++ 2M SDE at denoising `strength`,
+        as the WebUI runs it (the last int(strength * steps) + 1 sigmas of the schedule).
+        keep_image: LEDITS++, the image is inverted first and the concepts edit it with
+        LEDITS++'s edit; otherwise plain img2img, the concepts guided with SEGA."""
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        import k_diffusion.sampling as k
+        x0 = image_to_latent(torch.from_numpy(np.ascontiguousarray(image))[None])
+        k_model = self._k_diffusion_model()
+        t_enc = int(min(strength, 0.999) * steps)
+        schedule = k_model.get_sigmas(steps)[steps - t_enc - 1:]
+        denoiser = CFGDenoiser(k_model, steps)
+        denoiser.init_latent = x0
+        if guidance is not None:
+            concepts = [self.encode(c.prompt) for c in guidance.concepts]
+            attach_guidance(denoiser, guidance, "dpmpp_2m_sde", 1, concepts, self.encode(""),
+                            steps, t_enc=t_enc,
+                            engine=LeditsGuidance if keep_image else SemanticGuidance)
+        args = {"cond": self.encode(prompt), "uncond": self.encode(negative_prompt),
+                "cond_scale": cfg_scale}
+        sampler = _Sampler(k.sample_dpmpp_2m_sde)
+        gen = torch.Generator().manual_seed(seed)
+        extra = {}
+        if keep_image:
+            callbacks = denoiser.callbacks
+            InvertingSampler(sampler, seeds=lambda: [seed], quiet=lambda on: setattr(
+                denoiser, "callbacks", None if on else callbacks))
+            x = x0  # replaced by the inverted start
+        else:
+            x = x0 + torch.randn(x0.shape, generator=gen) * schedule[0]
+            extra["noise_sampler"] = lambda sigma, next_sigma: torch.randn(x0.shape, generator=gen)
+        latent = sampler.func(denoiser, x, sigmas=schedule, extra_args=args, disable=True,
+                              eta=1.0, **extra)
+        return latent_to_image(latent)[0].numpy()
 
     def _ddim(self, denoiser, noise, steps, args):
         """DDIM with eta 0 on the WebUI's timesteps (sd_samplers_timesteps.py L94,
@@ -112,6 +156,13 @@ class ToyPipeline:
             x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
             x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
         return x
+
+
+class _Sampler:
+    """What InvertingSampler wraps: an object whose `func` is the sampler function."""
+
+    def __init__(self, func):
+        self.func = func
 
 
 def load(path: str = WEIGHTS) -> ToyPipeline:
