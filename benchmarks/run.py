@@ -147,13 +147,6 @@ def concepts(count: int, warmup: int = 0, cooldown=None) -> List[dict]:
              "cooldown": -1 if cooldown is None else cooldown} for i in range(count)]
 
 
-class OnDevice(processing.Processing):
-    """The WebUI makes its noise on the model's device; the double makes it on the CPU."""
-
-    def noise(self, shape):
-        return super().noise(shape).to(shared.sd_model.device)
-
-
 def generation(setup: Setup, *, batch: int, steps: int, args, sampler="Euler", model=None):
     """A function that runs one generation (args None: no extension at all)."""
     kwargs = dict(sampler_name=sampler, steps=steps, batch_size=batch, prompt="a photo of a cat",
@@ -162,7 +155,7 @@ def generation(setup: Setup, *, batch: int, steps: int, args, sampler="Euler", m
     def run():
         shared.sd_model = model or setup.model()
         script_callbacks.ui_settings_callback()
-        p = OnDevice(**kwargs)
+        p = processing.Processing(**kwargs)
         entries = [] if args is None else [(h.SCRIPT_MODULE.LatentDiffusionGuidanceScript(), args)]
         runner = h.scripts.ScriptRunner(entries)
         torch.manual_seed(0)
@@ -205,16 +198,18 @@ def hook_timer(device: str):
 
 
 class UNetTimer:
-    """Accumulates the time spent inside the model's apply_model (the UNet calls)."""
+    """Accumulates the time spent inside the model's apply_model (the UNet calls), and counts
+    them."""
 
     def __init__(self, model, device):
-        self.model, self.device, self.spent = model, device, 0.0
+        self.model, self.device, self.spent, self.calls = model, device, 0.0, 0
 
     def __enter__(self):
         inner = self.model.apply_model
 
         def timed(x, t, cond):
             sync(self.device)
+            self.calls += 1
             start = time.perf_counter()
             try:
                 return inner(x, t, cond)
@@ -788,6 +783,65 @@ def table_host_calls(setup: Setup) -> Table:
     return table
 
 
+# -- table 8: img2img keeping the image (LEDITS++ inversion) --------------------------------
+
+def img2img(setup: Setup, *, sampler: str, steps: int, strength: float, args, counter=None):
+    """A function that runs one img2img generation (args None: no extension at all)."""
+    g = torch.Generator().manual_seed(3)
+    init = torch.randn(1, 4, setup.latent, setup.latent, generator=g).to(setup.device)
+    kwargs = dict(sampler_name=sampler, steps=steps, prompt="a photo of a cat", init_latent=init,
+                  denoising_strength=strength, width=setup.latent * 8, height=setup.latent * 8)
+
+    def run():
+        shared.sd_model = setup.model()
+        script_callbacks.ui_settings_callback()
+        p = processing.Processing(**kwargs)
+        entries = [] if args is None else [(h.SCRIPT_MODULE.LatentDiffusionGuidanceScript(), args)]
+        runner = h.scripts.ScriptRunner(entries)
+        torch.manual_seed(0)
+        out = processing.process_images(p, runner)
+        assert not runner.reported and not script_callbacks.reported
+        if counter is not None:
+            counter["maps"] = Generation.of(p).noise_map_bytes
+        return out
+    return run
+
+
+def table_inversion(setup: Setup) -> Table:
+    """What "Keep the image" costs: the inversion's model calls and the noise maps' memory."""
+    from ldg_core.ui_args import KEEP_IMAGE
+    table = Table("8. Keep the image (LEDITS++ inversion) vs plain img2img",
+                  ["sampler", "steps", "UNet calls: plain / keep", "time: keep / plain",
+                   "plain ms", "keep ms", "noise maps (KiB)", "maps / one latent"])
+    steps = 4 if setup.quick else 2
+    for sampler in ("DPM++ 2M SDE", "DDIM"):
+        keep = h.script_args([])
+        keep[KEEP_IMAGE] = True
+        counts, maps = {}, {}
+        runs = {"plain": img2img(setup, sampler=sampler, steps=steps, strength=0.99, args=None),
+                "keep": img2img(setup, sampler=sampler, steps=steps, strength=0.99, args=keep,
+                                counter=maps)}
+        for name, run in runs.items():
+            with UNetTimer(setup.model(), setup.device) as unet:
+                run()
+            counts[name] = unet.calls
+        times = interleaved(runs, setup.repeats, setup.device)
+        latent_bytes = 4 * setup.latent * setup.latent * 4
+        table.rows.append([sampler, steps, f"{counts['plain']} / {counts['keep']}",
+                           ratio(times["keep"], times["plain"]), ms(times["plain"]),
+                           ms(times["keep"]), f"{maps['maps'] / 1024:.0f}",
+                           f"{maps['maps'] / latent_bytes:.0f}"])
+    table.notes.append(
+        "img2img at denoising strength 0.99 through the WebUI double, B = 1, no concept (the "
+        "inversion's cost does not depend on the concepts). Keep: one CFG denoiser call per "
+        "step runs the inversion before sampling (the WebUI's CFG: prompt and negative rows, "
+        "so twice the plain run's UNet calls), then the same sampling. Noise maps: the inverted "
+        "start, one map per step with noise (DPM++ 2M SDE's last step has none; its residual "
+        "takes that place), float32, held on the latents' device for the pass and dropped "
+        "when sampling ends.")
+    return table
+
+
 def profile(setup: Setup, top: int = 14) -> str:
     """cProfile of one guided generation (N = 2, B = 1, `setup.steps` Euler steps): the top
     entries by cumulative time, then the extension's own functions."""
@@ -860,7 +914,7 @@ def main(argv=None) -> int:
     builders = [(1, lambda: table_overhead(setup, collected)), (2, lambda: table_rows_saved(setup)),
                 (3, lambda: table_math_share(setup, collected)), (4, lambda: table_disabled(setup)),
                 (5, lambda: table_memory(setup)), (6, lambda: table_reference(setup)),
-                (7, lambda: table_host_calls(setup))]
+                (7, lambda: table_host_calls(setup)), (8, lambda: table_inversion(setup))]
     sections = []
     for number, build in builders:
         if only and number not in only:
