@@ -24,7 +24,8 @@
         "ldg-sld-threshold": "SLD steers only where the prompt's estimate minus the safety concept's is below this.",
         "ldg-sld-warmup": "Sampling steps before SLD is applied (its momentum builds up meanwhile).",
         "ldg-sld-momentum-scale": "How much of SLD's running average of earlier steers is added to each step's; 0 turns it off.",
-        "ldg-sld-momentum-beta": "How much of SLD's running average is kept from one step to the next (0 to 1)."
+        "ldg-sld-momentum-beta": "How much of SLD's running average is kept from one step to the next (0 to 1).",
+        "ldg-keep-image": "img2img: invert the image first (LEDITS++), so that without concepts it comes back unchanged and concepts change only what they touch. DDIM or DPM++ 2M SDE."
     };
 
     function apply() {

@@ -74,9 +74,13 @@ def build_page():
     script = module.LatentDiffusionGuidanceScript()
     script.is_img2img = False
     serve_like_the_webui()
+    img2img = module.LatentDiffusionGuidanceScript()
+    img2img.is_img2img = True
     with gr.Blocks(title="LDG browser test") as demo:
         with gr.Column(elem_id="ldg-test-column"):
             args = script.ui(False)
+        with gr.Column(elem_id="ldg-test-img2img"):
+            img2img.ui(True)  # the same accordion in img2img, where "Keep the image" shows
         read = gr.Button("Read values", elem_id="ldg-test-read")
         values = gr.Textbox(label="values", elem_id="ldg-test-values")
         read.click(fn=lambda *a: json.dumps(list(a)), inputs=args, outputs=[values])
@@ -103,9 +107,10 @@ def read_values(page):
 
 
 TOOLTIPS = """() => {
-    // Every tooltip the page carries, per ldg-* class: the distinct titles of its elements.
+    // Every tooltip the page carries (txt2img's accordion and img2img's), per ldg-* class: the
+    // distinct titles of its elements.
     var found = {};
-    document.querySelectorAll('#ldg-test-column [class*="ldg-"]').forEach(function(node) {
+    document.querySelectorAll('[id^="ldg-test-"] [class*="ldg-"]').forEach(function(node) {
         node.classList.forEach(function(name) {
             if (name.indexOf("ldg-") !== 0) return;
             found[name] = found[name] || [];
@@ -144,6 +149,14 @@ def drive(url, artifacts):
         scale.press("Tab")
         page.locator(f"#{pid}ldg_concept_maps input").check()
         seen["after_fill"] = read_values(page)
+        seen["keep_image_in_txt2img"] = page.locator(f"#{pid}ldg_keep_image input").is_visible()
+        ipid = "script_img2img_latent_diffusion_guidance_"
+        page.locator(f"#{ipid}ldg .label-wrap").first.click()
+        keep = page.locator(f"#{ipid}ldg_keep_image input")
+        keep.wait_for(state="visible")
+        keep.check()
+        seen["keep_image_in_img2img"] = keep.is_checked()
+        seen["keep_image_title"] = page.locator(f"#{ipid}ldg_keep_image").get_attribute("title")
         seen["tooltips"] = page.evaluate(TOOLTIPS)
         # A part of a slot that scrolls sideways: its content does not fit (a clipped radio).
         seen["scrolling_sideways"] = page.evaluate("""() => Array.from(
