@@ -171,6 +171,8 @@ def invert(rule, x0: torch.Tensor, model: Callable[[int, torch.Tensor], torch.Te
     sets the noised image at step `step`'s level (drawn once per step, in step order). One
     model call per step; only one noised image is held at a time.
     """
+    if rule.steps == 0:  # a pass with no step (DDIM at the lowest strengths) returns its start
+        return NoiseMaps(start=x0.clone(), noise=[])
     rule.reset()
     x = start = rule.noised(x0, 0, noise(0))
     maps: List[Optional[torch.Tensor]] = []

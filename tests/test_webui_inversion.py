@@ -164,3 +164,10 @@ def test_noise_maps_take_one_latent_per_step_and_are_dropped_when_sampling_ends(
     # the start, a map per step but the last, and the last step's residual
     assert generation.noise_map_bytes == (steps + 1) * init.numel() * init.element_size()
     assert generation.inverter is None
+
+
+def test_a_pass_without_steps_returns_the_image():
+    # DDIM's img2img schedule at 4 steps and strength 0.3 has no step (timesteps[:1]).
+    init = init_latent()
+    out = h.generate(img2img("DDIM", init, steps=4, strength=0.3), keep_args([CONCEPT]))[1]
+    torch.testing.assert_close(out, init, rtol=0, atol=0)
