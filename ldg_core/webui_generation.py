@@ -100,6 +100,10 @@ def keep_image_problem(p: Any, forge: Optional[ForgeFunctions]) -> Optional[str]
     if forge is not None:
         return (f"'Keep the image' (LEDITS++ inversion) is not available on {forge.name} yet; "
                 "turn it off, or use AUTOMATIC1111 WebUI 1.10")
+    if getattr(p, "refiner_checkpoint", None) not in (None, "", "None", "none"):  # L882
+        return ("'Keep the image' (LEDITS++ inversion) cannot run with a refiner: the refiner "
+                "would take over during the inversion and sampling would not retrace it; turn "
+                "the refiner off")
     return inversion_problem(p.sampler_name)
 
 

@@ -171,3 +171,9 @@ def test_a_pass_without_steps_returns_the_image():
     init = init_latent()
     out = h.generate(img2img("DDIM", init, steps=4, strength=0.3), keep_args([CONCEPT]))[1]
     torch.testing.assert_close(out, init, rtol=0, atol=0)
+
+
+def test_a_refiner_is_refused_before_sampling():
+    init = init_latent()
+    with pytest.raises(Exception, match="'Keep the image' .* cannot run with a refiner"):
+        h.generate(img2img("DDIM", init, refiner_checkpoint="refiner.safetensors"), keep_args())
