@@ -147,10 +147,12 @@ def concepts(count: int, warmup: int = 0, cooldown=None) -> List[dict]:
              "cooldown": -1 if cooldown is None else cooldown} for i in range(count)]
 
 
-def generation(setup: Setup, *, batch: int, steps: int, args, sampler="Euler", model=None):
-    """A function that runs one generation (args None: no extension at all)."""
+def generation(setup: Setup, *, batch: int, steps: int, args, sampler="Euler", model=None,
+               p_extra=None, after=None):
+    """A function that runs one generation (args None: no extension at all). `p_extra`: more
+    processing fields (img2img's); `after(p)`: sees the processing object when it is done."""
     kwargs = dict(sampler_name=sampler, steps=steps, batch_size=batch, prompt="a photo of a cat",
-                  width=setup.latent * 8, height=setup.latent * 8)
+                  width=setup.latent * 8, height=setup.latent * 8, **(p_extra or {}))
 
     def run():
         shared.sd_model = model or setup.model()
@@ -162,6 +164,8 @@ def generation(setup: Setup, *, batch: int, steps: int, args, sampler="Euler", m
         out = processing.process_images(p, runner)
         assert not runner.reported and not script_callbacks.reported, (
             runner.reported, script_callbacks.reported)
+        if after is not None:
+            after(p)
         return out
     return run
 
@@ -789,22 +793,13 @@ def img2img(setup: Setup, *, sampler: str, steps: int, strength: float, args, co
     """A function that runs one img2img generation (args None: no extension at all)."""
     g = torch.Generator().manual_seed(3)
     init = torch.randn(1, 4, setup.latent, setup.latent, generator=g).to(setup.device)
-    kwargs = dict(sampler_name=sampler, steps=steps, prompt="a photo of a cat", init_latent=init,
-                  denoising_strength=strength, width=setup.latent * 8, height=setup.latent * 8)
 
-    def run():
-        shared.sd_model = setup.model()
-        script_callbacks.ui_settings_callback()
-        p = processing.Processing(**kwargs)
-        entries = [] if args is None else [(h.SCRIPT_MODULE.LatentDiffusionGuidanceScript(), args)]
-        runner = h.scripts.ScriptRunner(entries)
-        torch.manual_seed(0)
-        out = processing.process_images(p, runner)
-        assert not runner.reported and not script_callbacks.reported
+    def count_maps(p):
         if counter is not None:
             counter["maps"] = Generation.of(p).noise_map_bytes
-        return out
-    return run
+    return generation(setup, batch=1, steps=steps, args=args, sampler=sampler,
+                      p_extra={"init_latent": init, "denoising_strength": strength},
+                      after=count_maps)
 
 
 def table_inversion(setup: Setup) -> Table:
