@@ -140,7 +140,7 @@ class DPMpp2MSDERule:
 
     def add_noise(self, step: int, mean: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         sigma_next, factor = self._noise_factors(step)
-        return mean + z * sigma_next * factor * 1.0
+        return mean + z * sigma_next * factor * 1.0  # "* s_noise", as the host rounds it
 
     def solve_noise(self, step: int, mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         sigma_next, factor = self._noise_factors(step)
@@ -208,9 +208,9 @@ def ledits_mask(term: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def concepts_acting(concepts: Sequence[Concept], step: int) -> List[int]:
     """The concepts whose term is not zero at `step`: past warmup, not cooled, a scale and a
-    weight."""
+    weight above 0 (a weight at or below 0 leaves the concept out, as in SEGA)."""
     return [i for i, c in enumerate(concepts)
-            if step >= c.warmup and not is_cooled(c, step) and c.scale != 0 and c.weight != 0]
+            if step >= c.warmup and not is_cooled(c, step) and c.scale != 0 and c.weight > 0]
 
 
 def ledits_edit(concepts: Sequence[Concept], step: int, uncond: torch.Tensor,
@@ -242,6 +242,7 @@ class LeditsGuidance:
 
     def __init__(self, config, *, end_step: Optional[int] = None,
                  observer: Optional[Callable[[int, torch.Tensor], None]] = None):
+        # end_step: part of the interface; with no state across steps nothing depends on it
         self.config, self.end_step, self.observer = config, end_step, observer
 
     def needed(self, step: int):

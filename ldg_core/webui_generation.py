@@ -24,7 +24,8 @@ from .guidance import SemanticGuidance
 from .inversion import LeditsGuidance
 from .passes import GuidancePass
 from .webui_adapter import PassGuidance, WebUIFunctions, token_count
-from .webui_inversion import MODE_KEY, InvertingSampler, sampler_problem as inversion_problem
+from .paste import KEEP_IMAGE_KEY
+from .webui_inversion import InvertingSampler, sampler_problem as inversion_problem
 
 log = logging.getLogger("latent_diffusion_guidance")
 
@@ -173,7 +174,7 @@ class Generation:
                          concept_maps, safety, keep_image)
         setattr(p, _ATTRIBUTE, generation)
         if keep_image:
-            p.extra_generation_params[MODE_KEY] = "LEDITS++"
+            p.extra_generation_params[KEEP_IMAGE_KEY] = "LEDITS++"
         if config is not None:
             p.extra_generation_params[INFOTEXT_KEY] = to_text(config)
         if safety is not None:
@@ -206,6 +207,8 @@ class Generation:
         (processing.py L1510, L1522): each call sets the pass up anew."""
         try:
             guidance = self._new_pass(c, uc)
+            if self.keep_image:  # with or without concepts: the image is kept
+                self._invert_in(self.p.sampler)
         except GuidanceError as error:
             return self._refuse_pass(error)
         except Exception as error:  # no image and a message, rather than an unguided image
@@ -217,9 +220,7 @@ class Generation:
         if guidance.guidance.can_act():
             self.register()
         else:
-            self.unregister()
-        if self.keep_image:  # with or without concepts: the image is kept
-            self._invert_in(self.p.sampler)
+            self._release_hooks()  # the inversion, when on, stays: it keeps the image
 
     def _new_pass(self, c: Any, uc: Any):
         p, sampler, forge = self.p, self.p.sampler, self.m.forge
@@ -229,6 +230,12 @@ class Generation:
         if forge is None:
             for problem in two_row_controlnet_units(p):
                 raise GuidanceError(problem)
+        blocking = self._units_that_cannot_follow() if self.keep_image else []
+        if blocking:  # the inversion's calls come first, without concept rows
+            raise GuidanceError(f"'Keep the image' (LEDITS++ inversion) cannot run next to "
+                                f"ControlNet {', '.join(blocking)}: it keeps per-row state from "
+                                "the pass's first model call, and the inversion's calls come "
+                                "first; turn that unit or the mode off")
         timesteps = isinstance(sampler, self.m.sd_samplers_timesteps.CompVisSampler)
         steps, schedule = self._schedule()
         second_order = sampler.config.options.get("second_order", False) or (
@@ -456,7 +463,8 @@ class Generation:
 
         def quiet(on: bool) -> None:
             self.inverting = on
-        self.inverter = InvertingSampler(sampler, seeds=lambda: self.p.seeds, quiet=quiet)
+        self.inverter = InvertingSampler(sampler, seeds=lambda: self.p.seeds, quiet=quiet,
+                                         state=getattr(self.m.shared, "state", None))
 
     # -- callbacks ---------------------------------------------------------------------------
 
@@ -492,6 +500,10 @@ class Generation:
             self.inverter.restore()
             self.noise_map_bytes = max(self.noise_map_bytes, self.inverter.last_maps_bytes)
             self.inverter = None
+        self._release_hooks()
+
+    def _release_hooks(self) -> None:
+        """Takes our post-CFG function (Forge) or our callbacks (A1111) away."""
         if self._forge_unets is not None:
             unet, patched = self._forge_unets
             if self.p.sd_model.forge_objects.unet is patched:

@@ -6,9 +6,9 @@ launch_sampling in sample_img2img: sd_samplers_kdiffusion.py L134-187,
 sd_samplers_timesteps.py L98-139), with the CFG denoiser, the schedule of the pass and the
 init latents already set on the denoiser. While the mode is on, that function is wrapped:
   1. the init latents are inverted (ldg_core.inversion) on that schedule: one call of the
-     WebUI's own CFG denoiser per step, at the noised image, with the call counter the
-     sampler would have there, so prompt schedules, ControlNet and the mask blend act on the
-     inversion exactly as on the sampling that follows;
+     WebUI's own CFG denoiser per step, at the noised image, with the call counter and the
+     sampling step the sampler's own call has there, so prompt schedules, ControlNet's step
+     window and the mask blend act on the inversion as on the sampling that follows;
   2. the sampler runs from the inverted start with the noise maps in place of its random
      noise (DDIM: k_diffusion.sampling.torch.randn_like, which the WebUI's DDIM calls,
      sd_samplers_timesteps_impl.py L33; DPM++ 2M SDE: the noise_sampler argument), eta 1.
@@ -23,8 +23,8 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
+from .failures import StopSampling, sampling_failure
 from .inversion import DDIMRule, DPMpp2MSDERule, NoiseMaps, invert
-from .paste import KEEP_IMAGE_KEY as MODE_KEY
 
 # The samplers whose noise can be solved for: a noise term added once per step, after a
 # deterministic update of the step's one model output. DPM++ 2M SDE Heun differs from DPM++ 2M
@@ -99,19 +99,30 @@ class InvertingSampler:
     """Wraps one WebUI sampler's function for the passes of one generation."""
 
     def __init__(self, sampler: Any, seeds: Callable[[], Any],
-                 quiet: Callable[[bool], None]):
+                 quiet: Callable[[bool], None], state: Any = None):
         """`seeds()`: the current batch's seeds. `quiet(on)`: tells guidance that the calls
-        now made are the inversion's (no edit there)."""
-        self.sampler, self.seeds, self.quiet = sampler, seeds, quiet
-        self.original = sampler.__dict__.get("func")
-        self.last_maps_bytes = 0
+        now made are the inversion's (no edit there). `state`: the WebUI's shared.state, whose
+        sampling_step the callbacks report."""
+        self.sampler, self.seeds, self.quiet, self.state = sampler, seeds, quiet, state
+        if not callable(vars(sampler).get("func")):
+            raise ValueError("'Keep the image' (LEDITS++ inversion) wraps the sampler's own "
+                             "function, and this sampler has none; choose DDIM or DPM++ 2M SDE")
+        self.original = sampler.__dict__["func"]
+        self.last_maps_bytes = 0  # the benchmark reports it
 
         def run(model, x, *args, **kwargs):
-            return self._run(model, x, *args, **kwargs)
+            if getattr(sampler, "ldg_inverting", False):
+                # A wrapper of ours that another extension wrapped in turn, from an earlier
+                # batch: the outer one inverts, this one only passes the call on.
+                return self.original(model, x, *args, **kwargs)
+            sampler.ldg_inverting = True
+            try:
+                return self._run(model, x, *args, **kwargs)
+            finally:
+                sampler.ldg_inverting = False
         # The WebUI picks the arguments it passes by the function's signature
         # (inspect.signature(self.func), sd_samplers_kdiffusion.py L151): keep the original's.
         self.wrapper = functools.update_wrapper(run, self.original)
-        self.wrapper.ldg_inversion = self  # what a stale wrapper is recognised by
         sampler.func = self.wrapper
 
     def restore(self) -> None:
@@ -133,18 +144,28 @@ class InvertingSampler:
 
         def call(step: int, latent: torch.Tensor) -> torch.Tensor:
             model.step = step  # the call counter the sampler's own call would have here
+            if self.state is not None:  # and the step its callback would have reported
+                self.state.sampling_step = max(step - 1, 0)  # (callback_state, L256-263)
             return model(latent, times[step] * s_in, **extra_args)
 
         self.quiet(True)
         try:
             maps = invert(rule, x0, call, image_noise(self.seeds(), x0))
+        except Exception as error:  # sd_samplers_common.InterruptedException is not one
+            raise StopSampling(sampling_failure(error, step=model.step, rows=0,
+                                                what="inverting the image")) from error
         finally:
             self.quiet(False)
             model.step = 0
+            if self.state is not None:
+                self.state.sampling_step = 0
         self.last_maps_bytes = maps.nbytes()
         kwargs["eta"] = 1.0
         if "s_noise" in kwargs:
             kwargs["s_noise"] = 1.0
+        # The image's parameters: not the eta or extra noise the user set, which had no effect.
+        for key in ("Eta DDIM", "Eta", "Extra noise"):
+            getattr(getattr(model, "p", None), "extra_generation_params", {}).pop(key, None)
         if timesteps is not None:
             return self._run_ddim(model, maps, args, kwargs)
         stream = iter(z for z in maps.noise if z is not None)

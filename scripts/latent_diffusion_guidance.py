@@ -18,10 +18,11 @@ from ldg_core.paste import paste_from_params
 from ldg_core.presets import all_presets, find_preset, save_user_preset, user_presets_path
 from ldg_core.script_args import GLOBAL_OVERRIDES, SAFETY_OVERRIDES, settings_from_args
 from ldg_core.safety_config import PRESETS as SLD_PRESETS
-from ldg_core.ui_args import (DIRECTIONS, GLOBAL_DEFAULTS, NEVER, SAFETY_CONFIGS,
+from ldg_core.ui_args import (DIRECTIONS, GLOBAL_DEFAULTS, KEEP_IMAGE, NEVER, SAFETY_CONFIGS,
                               SAFETY_DEFAULTS, SAFETY_END, SAFETY_NUMBERS, SAFETY_START,
-                              SLOT_DEFAULTS, SLOT_FIELDS, SLOTS_END, MAX_ROWS_OPTION, args_from_config,
-                              config_from_args, safety_from_args, safety_values)
+                              SLOT_DEFAULTS, SLOT_FIELDS, SLOTS_END, MAX_ROWS_OPTION,
+                              args_from_config, config_from_args, safety_from_args,
+                              safety_values)
 
 log = logging.getLogger("latent_diffusion_guidance")
 
@@ -107,7 +108,7 @@ class LatentDiffusionGuidanceScript(scripts.Script):
         args = ([enabled, momentum_scale, momentum_beta] + slots + [concept_maps] + safety
                 + [keep_image])
         self._wire_presets(preset, preset_name, save, preset_status, args, groups)
-        self._wire_paste(args, groups)
+        self._wire_paste(args, groups, is_img2img)
         return args
 
     def _safety_ui(self):
@@ -212,8 +213,10 @@ class LatentDiffusionGuidanceScript(scripts.Script):
         save.click(fn=store, inputs=[preset_name] + settings + safety, outputs=[preset, status],
                    show_progress=False)
 
-    def _wire_paste(self, args, groups):
-        """Image parameters -> fields (ldg_core.paste); each field asks for its own value."""
+    def _wire_paste(self, args, groups, is_img2img):
+        """Image parameters -> fields (ldg_core.paste); each field asks for its own value.
+        txt2img's hidden "Keep the image" box is never ticked by a paste (an img2img image's
+        parameters would otherwise refuse every txt2img run, with the box out of sight)."""
         last = []
 
         def paste(params):
@@ -227,8 +230,10 @@ class LatentDiffusionGuidanceScript(scripts.Script):
         def field(position):
             def value(params):
                 result = paste(params)
-                return (gr.update(value=result.values[position]) if position in result.values
-                        else gr.update())
+                if position not in result.values:
+                    return gr.update()
+                keep_in_txt2img = position == KEEP_IMAGE and not is_img2img
+                return gr.update(value=False if keep_in_txt2img else result.values[position])
             return value
 
         def shown(slot):
@@ -239,9 +244,9 @@ class LatentDiffusionGuidanceScript(scripts.Script):
                                 + [(group, shown(s)) for s, group in enumerate(groups)])
 
     def process(self, p, *args):
-        from ldg_core.webui_generation import (INFOTEXT_KEY, MODE_KEY, SAFETY_KEY,
+        from ldg_core.webui_generation import (INFOTEXT_KEY, KEEP_IMAGE_KEY, SAFETY_KEY,
                                                SEPARATE_CALL_KEY, Generation)
-        for key in (INFOTEXT_KEY, SAFETY_KEY, SEPARATE_CALL_KEY, MODE_KEY):  # an earlier cell's
+        for key in (INFOTEXT_KEY, SAFETY_KEY, SEPARATE_CALL_KEY, KEEP_IMAGE_KEY):  # earlier cell's
             p.extra_generation_params.pop(key, None)
         try:
             settings = settings_from_args(args, presets(), getattr(p, XYZ_ATTRIBUTE, None))

@@ -376,3 +376,14 @@ def test_api_safety_key_generates_like_the_positional_sld_part():
     with pytest.raises(ValueError, match=r"Latent Diffusion Guidance: safety: threshold must be "
                                          r"a finite number, got 'x'"):
         h.generate(p_kwargs, [{"safety": {"threshold": "x"}}] + h.script_args(enabled=False)[1:])
+
+
+def test_keep_the_image_pastes_into_img2img_and_never_into_txt2img():
+    args = h.script_args([{"prompt": "glasses"}])
+    _, infotext = image_parameters(args)
+    infotext += ", Latent Diffusion Guidance inversion: LEDITS++"
+    for is_img2img, expected in ((True, True), (False, False)):
+        script, components = build_ui(is_img2img)
+        values, _ = pasted(script, components, infotext)
+        assert values[KEEP_IMAGE] is expected
+        assert values[0] is True

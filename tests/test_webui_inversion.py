@@ -17,6 +17,14 @@ SAMPLERS = ["DDIM", "DPM++ 2M SDE", "DPM++ 2M SDE Heun"]
 CONCEPT = {"prompt": "glasses", "scale": 60.0, "warmup": 1, "threshold": 0.7}
 
 
+def original_function(sampler):
+    """The sampler function the double's sampler of that name calls."""
+    import k_diffusion.sampling
+    from modules import sd_samplers_timesteps
+    return (sd_samplers_timesteps.ddim if sampler == "DDIM" else
+            k_diffusion.sampling.sample_dpmpp_2m_sde)
+
+
 def keep_args(concepts=(), **settings):
     args = h.script_args(concepts, **settings)
     args[KEEP_IMAGE] = True
@@ -57,7 +65,7 @@ def test_no_concept_gives_the_init_latents_back(sampler, batch, height, width):
     plain = h.generate(img2img(sampler, init, batch_size=batch))[1]
     assert (plain - init).abs().max() > 0.1, "plain img2img redraws the image"
     assert p.extra_generation_params["Latent Diffusion Guidance inversion"] == "LEDITS++"
-    assert not hasattr(p.sampler.func, "ldg_inversion"), "the sampler's function is restored"
+    assert p.sampler.func is original_function(sampler), "the sampler's function is restored"
 
 
 @pytest.mark.parametrize("sdxl", [False, True])
@@ -95,7 +103,7 @@ def test_inversion_costs_one_model_call_per_step_and_keeps_the_prompt_clock():
 def test_the_sampler_function_is_restored_and_nothing_stays_registered():
     init = init_latent()
     p, _ = h.generate(img2img("DDIM", init), keep_args([CONCEPT]))
-    assert p.sampler.func.__name__ == "ddim" and not hasattr(p.sampler.func, "ldg_inversion")
+    assert p.sampler.func is original_function("DDIM")
     assert script_callbacks.registered_count() == 0
 
 
@@ -151,7 +159,7 @@ def test_an_interrupt_during_inversion_leaves_nothing_behind():
                           extra_scripts=[(Interrupter(), [])])
     finally:
         shared.state.interrupted = False
-    assert not hasattr(p.sampler.func, "ldg_inversion")
+    assert p.sampler.func is original_function("DDIM")
 
 
 def test_noise_maps_take_one_latent_per_step_and_are_dropped_when_sampling_ends():
@@ -177,3 +185,88 @@ def test_a_refiner_is_refused_before_sampling():
     init = init_latent()
     with pytest.raises(Exception, match="'Keep the image' .* cannot run with a refiner"):
         h.generate(img2img("DDIM", init, refiner_checkpoint="refiner.safetensors"), keep_args())
+
+
+class StepRecorder:
+    """Records (call counter, reported sampling step) of every CFG denoiser call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        script_callbacks.on_cfg_denoiser(self.record, name="steps")
+
+    def record(self, params):
+        self.calls.append((params.denoiser.step, params.sampling_step))
+
+    def postprocess(self, p, processed, *args):
+        script_callbacks.remove_callbacks_for_function(self.record)
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "DPM++ 2M SDE"])
+def test_the_inversion_reports_the_steps_sampling_reports(sampler):
+    # Extensions with step windows (ControlNet's guidance start and end, hook.py L439-447) read
+    # the sampling step: both passes must show them the same ones.
+    recorder = StepRecorder()
+    h.generate(img2img(sampler, init_latent()), keep_args(), extra_scripts=[(recorder, [])])
+    half = len(recorder.calls) // 2
+    assert recorder.calls[:half] == recorder.calls[half:]
+    assert [s for _, s in recorder.calls[half:]][-1] > 0
+
+
+def test_weights_at_or_below_zero_leave_a_concept_out():
+    init = init_latent()
+    p_kwargs = img2img("DPM++ 2M SDE", init, strength=0.8)
+    none = h.generate(p_kwargs, keep_args([dict(CONCEPT, weight=0.0)]))[1]
+    negative = h.generate(p_kwargs, keep_args([dict(CONCEPT, weight=-1.0)]))[1]
+    torch.testing.assert_close(none, init, rtol=0, atol=2e-5)
+    torch.testing.assert_close(negative, init, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("module", ["reference_only", "inpaint_only"])
+def test_controlnet_units_with_per_row_state_are_refused(module):
+    from tests.test_webui_paths import ControlNetMarks
+    calls = []
+    original = shared.sd_model.apply_model
+    shared.sd_model.apply_model = lambda *a, **k: calls.append(1) or original(*a, **k)
+    with pytest.raises(Exception, match=f"cannot run next to ControlNet unit 1 \\({module}\\)"):
+        h.generate(img2img("DDIM", init_latent()), keep_args([CONCEPT]),
+                   extra_scripts=[(ControlNetMarks(module=module), [])])
+    assert calls == []
+
+
+def test_a_failure_while_inverting_stops_with_one_message(monkeypatch):
+    import ldg_core.webui_inversion as inversion
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no noise here")
+    monkeypatch.setattr(inversion, "image_noise", lambda seeds, x0: broken)
+    with pytest.raises(Exception, match="failed at step 0 while inverting the image: "
+                                        "RuntimeError: no noise here"):
+        h.generate(img2img("DDIM", init_latent()), keep_args([CONCEPT]))
+
+
+def test_an_interrupt_while_ddim_samples_puts_its_noise_hook_back():
+    import k_diffusion.sampling
+
+    class Interrupter:
+        def process_before_every_sampling(self, p, *args, **kwargs):
+            self.calls = 0
+            script_callbacks.on_cfg_denoiser(self.stop, name="stopper")
+
+        def stop(self, params):
+            self.calls += 1
+            if self.calls == 8:  # 5 inversion calls (DDIM, strength 0.6 of 10), then sampling
+                shared.state.interrupted = True
+
+        def postprocess(self, p, processed, *args):
+            script_callbacks.remove_callbacks_for_function(self.stop)
+            self.hook = k_diffusion.sampling.torch
+    interrupter = Interrupter()
+    try:
+        p, _ = h.generate(img2img("DDIM", init_latent()), keep_args([CONCEPT]),
+                          extra_scripts=[(interrupter, [])])
+    finally:
+        shared.state.interrupted = False
+    assert type(interrupter.hook).__name__ == "TorchHijack"  # the WebUI's, not our maps
+    assert p.sampler.func is original_function("DDIM")
