@@ -41,19 +41,24 @@ def img2img(sampler, init, strength=0.6, steps=10, **kw):
 
 
 class CallCounter:
-    """Counts the CFG denoiser's calls of the generation (registered after our script)."""
+    """Records (call counter, reported sampling step) of every CFG denoiser call of the
+    generation (registered after our script)."""
 
     def __init__(self):
-        self.steps = []
+        self.calls = []
+
+    @property
+    def steps(self):
+        return [step for step, _ in self.calls]
 
     def process_before_every_sampling(self, p, *args, **kwargs):
-        script_callbacks.on_cfg_denoiser(self.count, name="counter")
+        script_callbacks.on_cfg_denoiser(self.record, name="counter")
 
-    def count(self, params):
-        self.steps.append(params.denoiser.step)
+    def record(self, params):
+        self.calls.append((params.denoiser.step, params.sampling_step))
 
     def postprocess(self, p, processed, *args):
-        script_callbacks.remove_callbacks_for_function(self.count)
+        script_callbacks.remove_callbacks_for_function(self.record)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -187,27 +192,11 @@ def test_a_refiner_is_refused_before_sampling():
         h.generate(img2img("DDIM", init, refiner_checkpoint="refiner.safetensors"), keep_args())
 
 
-class StepRecorder:
-    """Records (call counter, reported sampling step) of every CFG denoiser call."""
-
-    def __init__(self):
-        self.calls = []
-
-    def process_before_every_sampling(self, p, *args, **kwargs):
-        script_callbacks.on_cfg_denoiser(self.record, name="steps")
-
-    def record(self, params):
-        self.calls.append((params.denoiser.step, params.sampling_step))
-
-    def postprocess(self, p, processed, *args):
-        script_callbacks.remove_callbacks_for_function(self.record)
-
-
 @pytest.mark.parametrize("sampler", ["DDIM", "DPM++ 2M SDE"])
 def test_the_inversion_reports_the_steps_sampling_reports(sampler):
     # Extensions with step windows (ControlNet's guidance start and end, hook.py L439-447) read
     # the sampling step: both passes must show them the same ones.
-    recorder = StepRecorder()
+    recorder = CallCounter()
     h.generate(img2img(sampler, init_latent()), keep_args(), extra_scripts=[(recorder, [])])
     half = len(recorder.calls) // 2
     assert recorder.calls[:half] == recorder.calls[half:]
