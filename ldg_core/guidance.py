@@ -61,13 +61,19 @@ def guidance_and_mask(estimate: torch.Tensor, uncond: torch.Tensor,
     if concept.reverse:
         direction = direction * -1
     direction = direction * concept.scale
-    magnitude = direction.abs()
+    mask = at_or_above_quantile(direction.abs(), concept.threshold)
+    return torch.where(mask, direction, torch.zeros_like(direction)), mask
+
+
+def at_or_above_quantile(magnitude: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Where `magnitude` [B, C, H, W] is at or above its `threshold` quantile over H*W, per
+    image and channel: taken in float32 (what torch.quantile needs), ties kept, as the
+    references do."""
     flat = magnitude.flatten(start_dim=2)
     if flat.dtype != torch.float32:
         flat = flat.to(torch.float32)
-    cutoff = torch.quantile(flat, concept.threshold, dim=2).to(direction.dtype)
-    mask = magnitude >= cutoff[:, :, None, None]
-    return torch.where(mask, direction, torch.zeros_like(direction)), mask
+    cutoff = torch.quantile(flat, threshold, dim=2).to(magnitude.dtype)
+    return magnitude >= cutoff[:, :, None, None]
 
 
 def _weights_in(dtype: torch.dtype, raw: Sequence[float], normalise: bool) -> list:

@@ -26,7 +26,7 @@ from typing import Callable, List, Mapping, Optional, Sequence
 import torch
 
 from .config import Concept
-from .guidance import is_cooled
+from .guidance import _by_index, _check_pair, at_or_above_quantile, is_cooled
 
 
 class DDIMRule:
@@ -65,13 +65,15 @@ class DDIMRule:
         a = self.alphas[step]
         return x0 * math.sqrt(a) + noise * math.sqrt(1 - a)
 
-    def _scalars(self, step: int, like: torch.Tensor):
-        ones = like.new_ones((like.shape[0], 1, 1, 1))
-        return (self.alphas[step] * ones, self.alphas_prev[step] * ones,
-                self.sigmas[step] * ones, self.sqrt_one_minus[step] * ones)
+    @staticmethod
+    def _per_image(value: float, like: torch.Tensor) -> torch.Tensor:
+        """`value` as the host's DDIM has it: times ones of the latents' dtype, [B, 1, 1, 1]."""
+        return value * like.new_ones((like.shape[0], 1, 1, 1))
 
     def mean(self, step: int, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        a_t, a_prev, sigma_t, sqrt_one_minus_at = self._scalars(step, x)
+        a_t, a_prev, sigma_t, sqrt_one_minus_at = (
+            self._per_image(values[step], x) for values in
+            (self.alphas, self.alphas_prev, self.sigmas, self.sqrt_one_minus))
         pred_x0 = (x - sqrt_one_minus_at * eps) / a_t.sqrt()
         dir_xt = (1. - a_prev - sigma_t ** 2).sqrt() * eps
         return a_prev.sqrt() * pred_x0 + dir_xt
@@ -80,10 +82,10 @@ class DDIMRule:
         return True
 
     def add_noise(self, step: int, mean: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return mean + self._scalars(step, mean)[2] * z
+        return mean + self._per_image(self.sigmas[step], mean) * z
 
     def solve_noise(self, step: int, mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return (target - mean) / self._scalars(step, mean)[2]
+        return (target - mean) / self._per_image(self.sigmas[step], mean)
 
 
 class DPMpp2MSDERule:
@@ -199,11 +201,7 @@ def ledits_mask(term: torch.Tensor, threshold: float) -> torch.Tensor:
     at or above the `threshold` quantile of each image's H*W positions, for every channel
     (LEDITS++'s noise mask; SEGA's is per channel)."""
     magnitude = term.abs().sum(dim=1, keepdim=True).repeat(1, term.shape[1], 1, 1)
-    flat = magnitude.flatten(start_dim=2)
-    if flat.dtype != torch.float32:
-        flat = flat.to(torch.float32)
-    cutoff = torch.quantile(flat, threshold, dim=2).to(term.dtype)
-    return magnitude >= cutoff[:, :, None, None]
+    return at_or_above_quantile(magnitude, threshold)
 
 
 def concepts_acting(concepts: Sequence[Concept], step: int) -> List[int]:
@@ -250,7 +248,6 @@ class LeditsGuidance:
 
     def step(self, *, step: int, uncond: torch.Tensor, cond: torch.Tensor,
              concepts) -> torch.Tensor:
-        from .guidance import _by_index, _check_pair
         _check_pair(uncond, cond)
         estimates = _by_index(concepts, self.needed(step), len(self.config.concepts), uncond)
         return ledits_edit(self.config.concepts, step, uncond, estimates, self.observer)

@@ -70,15 +70,17 @@ class _NoiseMapsAsRandom:
 
 
 class _AddResidualAtLast:
-    """The CFG denoiser, with NoiseMaps.residual added to its output at the last sigma (DPM++
-    2M SDE's last step returns that output as the image)."""
+    """The CFG denoiser, with NoiseMaps.residual added to its output at its last call (DPM++
+    2M SDE's last step returns that output as the image). The denoiser's own call counter
+    says which call that is: comparing sigmas on the device would stall it at every step."""
 
-    def __init__(self, model, residual: torch.Tensor, last_sigma: torch.Tensor):
-        self._model, self._residual, self._last = model, residual, last_sigma
+    def __init__(self, model, residual: torch.Tensor, last_call: int):
+        self._model, self._residual, self._last_call = model, residual, last_call
 
     def __call__(self, x, sigma, **kwargs):
+        last = self._model.step == self._last_call  # the counter before this call counts it
         out = self._model(x, sigma, **kwargs)
-        return out + self._residual if bool(sigma[0] == self._last) else out
+        return out + self._residual if last else out
 
     def __getattr__(self, name):
         return getattr(self._model, name)
@@ -171,7 +173,7 @@ class InvertingSampler:
         stream = iter(z for z in maps.noise if z is not None)
         kwargs["noise_sampler"] = lambda sigma, sigma_next: next(stream)
         if maps.residual is not None:
-            model = _AddResidualAtLast(model, maps.residual, kwargs["sigmas"][-2])
+            model = _AddResidualAtLast(model, maps.residual, rule.steps - 1)
         return self.original(model, maps.start, *args, **kwargs)
 
     def _run_ddim(self, model, maps: NoiseMaps, args, kwargs: Dict[str, Any]):
