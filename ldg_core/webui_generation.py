@@ -95,7 +95,7 @@ def _no_negative(host: str, setting: str, value: str = "1",
 
 def keep_image_problem(p: Any, forge: Optional[ForgeFunctions]) -> Optional[str]:
     """Why LEDITS++'s 'Keep the image' cannot run for `p`, said before sampling."""
-    if not hasattr(p, "init_images"):  # StableDiffusionProcessingImg2Img.s (processing.py L1558)
+    if not hasattr(p, "init_images"):  # img2img's field (processing.py L1558)
         return ("'Keep the image' (LEDITS++ inversion) works in img2img, which has an image to "
                 "keep; turn it off in txt2img")
     if forge is not None:
