@@ -26,6 +26,7 @@ from typing import Callable, List, Mapping, Optional, Sequence
 import torch
 
 from .config import Concept
+from .cross_attention import INTERSECT_FROM_TIMESTEP, MASKS, attention_mask
 from .guidance import _by_index, _check_pair, at_or_above_quantile, is_cooled
 
 
@@ -213,11 +214,19 @@ def concepts_acting(concepts: Sequence[Concept], step: int) -> List[int]:
 
 def ledits_edit(concepts: Sequence[Concept], step: int, uncond: torch.Tensor,
                 estimates: Mapping[int, torch.Tensor],
-                observer: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+                observer: Optional[Callable[[int, torch.Tensor], None]] = None, *,
+                mask: str = "noise", attention: Optional[Callable[[int], torch.Tensor]] = None,
+                timestep: Optional[float] = None) -> torch.Tensor:
     """LEDITS++'s edit at `step`, in eps: the sum over the acting concepts of their scaled
-    direction from `uncond`, kept where ledits_mask is true, times the concept's weight (1 in
-    the reference). `estimates` maps concept index to eps for concepts_acting(concepts, step).
+    direction from `uncond`, kept where the concept's mask is true, times the concept's weight
+    (1 in the reference). `estimates` maps concept index to eps for concepts_acting(concepts,
+    step). `mask` (one of cross_attention.MASKS): "noise", ledits_mask; "attention", the
+    cross-attention mask of `attention(i)`, concept i's map [B, h, w]; "both", their
+    intersection, or the attention mask alone while `timestep` (the step's model timestep) is
+    above INTERSECT_FROM_TIMESTEP, as the reference's use_intersect_mask does.
     """
+    if mask not in MASKS:
+        raise ValueError(f"the mask must be one of {', '.join(MASKS)}, got {mask!r}")
     edit = torch.zeros_like(uncond)
     for i in concepts_acting(concepts, step):
         concept = concepts[i]
@@ -225,10 +234,15 @@ def ledits_edit(concepts: Sequence[Concept], step: int, uncond: torch.Tensor,
         if concept.reverse:
             term = term * -1
         term = term * concept.scale
-        mask = ledits_mask(term, concept.threshold)
+        keep = None
+        if mask == "noise" or (mask == "both" and timestep <= INTERSECT_FROM_TIMESTEP):
+            keep = ledits_mask(term, concept.threshold)
+        if mask != "noise":
+            where = attention_mask(attention(i), concept.threshold, term.shape[-2:], term.shape[1])
+            keep = where if keep is None else keep & where
         if observer is not None:
-            observer(i, mask)
-        term = torch.where(mask, term, torch.zeros_like(term))
+            observer(i, keep)
+        term = torch.where(keep, term, torch.zeros_like(term))
         edit += term if concept.weight == 1 else term * concept.weight
     return edit
 
@@ -236,12 +250,23 @@ def ledits_edit(concepts: Sequence[Concept], step: int, uncond: torch.Tensor,
 class LeditsGuidance:
     """LEDITS++'s edit for one sampling pass, with SemanticGuidance's interface (needed(),
     step()), so a host pass can use either. No state carries between steps: LEDITS++ has no
-    momentum."""
+    momentum. With a cross-attention mask, the host hands over where the step's maps come from
+    (use_attention)."""
 
     def __init__(self, config, *, end_step: Optional[int] = None,
                  observer: Optional[Callable[[int, torch.Tensor], None]] = None):
         # end_step: part of the interface; with no state across steps nothing depends on it
         self.config, self.end_step, self.observer = config, end_step, observer
+        self.mask = "noise"
+        self._attention: Optional[Callable[[int], torch.Tensor]] = None
+        self._timestep: Optional[Callable[[], float]] = None
+
+    def use_attention(self, mask: str, attention: Callable[[int], torch.Tensor],
+                      timestep: Callable[[], float]) -> None:
+        """`attention(i)`: concept i's map at the current step; `timestep()`: its timestep."""
+        if mask not in MASKS:
+            raise ValueError(f"the mask must be one of {', '.join(MASKS)}, got {mask!r}")
+        self.mask, self._attention, self._timestep = mask, attention, timestep
 
     def needed(self, step: int):
         return tuple(concepts_acting(self.config.concepts, step))
@@ -250,4 +275,6 @@ class LeditsGuidance:
              concepts) -> torch.Tensor:
         _check_pair(uncond, cond)
         estimates = _by_index(concepts, self.needed(step), len(self.config.concepts), uncond)
-        return ledits_edit(self.config.concepts, step, uncond, estimates, self.observer)
+        timestep = self._timestep() if self.mask == "both" else None
+        return ledits_edit(self.config.concepts, step, uncond, estimates, self.observer,
+                           mask=self.mask, attention=self._attention, timestep=timestep)

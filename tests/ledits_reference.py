@@ -6,14 +6,19 @@ downloaded), with DDIMScheduler (edit-friendly DDPM inversion, compute_noise_ddi
 DPMSolverMultistepScheduler "sde-dpmsolver++" order 2 (compute_noise_sde_dpm_pp_2nd).
 
 `run_ledits` calls the pipeline's own `invert()` once, then its `__call__` edit loop once per
-set of concepts (use_cross_attn_mask=False, use_intersect_mask=False: LEDITS++'s noise mask
-alone), and keeps what they computed: the encoded image x0, the start latents
+set of concepts, with one of the masks of ldg_core.cross_attention.MASKS ("noise":
+use_cross_attn_mask=False, use_intersect_mask=False; "attention": True, False; "both": True,
+True), and keeps what they computed: the encoded image x0, the start latents
 (`init_latents`), the noise maps (`zs`), every step's latents (callback_on_step_end), every
 step's edit (`sem_guidance`) and the schedule numbers that drive our rules with the same steps.
 
 The one change to the reference: DDIMScheduler.add_noise is given the timestep as an integer
 (see _ddim_scheduler); in diffusers 0.42.1 invert() with DDIM raises IndexError otherwise.
-Quirks kept as they are: with DPM-Solver++ the inversion's last step (to sigma 0) uses the
+Quirks kept as they are: the edit loop counts every concept as 75 tokens (num_edit_tokens is
+the tokenizer's `length` after padding to 77, minus 2), so its attention map sums tokens 1..75,
+not the concept's own tokens; with a batch of more than one image its attention store groups
+rows by `attn.split(batch_size)`, which mixes the images' heads, so attention masks are
+compared on one image; with DPM-Solver++ the inversion's last step (to sigma 0) uses the
 second-order formula with h = inf, so its z is 0 and its corrected latent is inf (stored in the
 slot of x0 and never read), and the edit loop's last step returns the denoised estimate, so
 the reference does not reconstruct the image there.
@@ -52,16 +57,32 @@ def _dpm_scheduler():
     return DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2, **BETAS)
 
 
-def build_ledits(kind: str):
-    """LEditsPPPipelineStableDiffusion around a fresh copy of the tiny model ("ddim" or "dpm")."""
+def attention_unet():
+    """A tiny UNet laid out like SD 1.x's where the attention mask looks: cross-attention at
+    the latents' resolution, / 2 and / 4, in the middle block too (which the mask leaves out).
+    The tiny model of tests/reference_pipeline.py has none at / 4."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(1)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16, 16), norm_num_groups=8, cross_attention_dim=32,
+        attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3).eval()
+
+
+def build_ledits(kind: str, attention_levels: bool = False):
+    """LEditsPPPipelineStableDiffusion around a fresh copy of the tiny model ("ddim" or "dpm");
+    attention_levels: with attention_unet() as its UNet."""
     from diffusers import LEditsPPPipelineStableDiffusion
 
     from tests.reference_pipeline import build_pipeline
 
     tiny = build_pipeline()  # a fresh instance: invert() resets the UNet's attention processors
+    unet = attention_unet() if attention_levels else tiny.unet
     scheduler = {"ddim": _ddim_scheduler, "dpm": _dpm_scheduler}[kind]()
     pipe = LEditsPPPipelineStableDiffusion(
-        vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
+        vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -90,10 +111,13 @@ class LeditsRun:
     latents: torch.Tensor            # [steps, B, C, h, w]: its latents after every step
     edits: Optional[torch.Tensor]    # [steps, B, C, h, w]: its sem_guidance (None: no concepts)
     output: torch.Tensor             # its output latents
+    masks: Optional[torch.Tensor] = None  # [steps, N, B, C, h, w]: its activation_mask (a
+    # 0/1 float per concept and step; zeros where a concept did not act); attention masks only
+    edit_tokens: Optional[List[int]] = None  # its num_edit_tokens, per concept
 
 
 def run_ledits(pipe, images: torch.Tensor, concept_sets: Mapping[str, Sequence[Concept]], *,
-               steps: int, skip: float, seed: int) -> Dict[str, LeditsRun]:
+               steps: int, skip: float, seed: int, mask: str = "noise") -> Dict[str, LeditsRun]:
     """Inverts `images` once, then edits with each set of concepts (an empty set: no edit), all
     in the reference's code. Each __call__ starts again from the inversion's init_latents and
     zs, which it does not modify ("edits are always performed for the last inverted image")."""
@@ -102,11 +126,16 @@ def run_ledits(pipe, images: torch.Tensor, concept_sets: Mapping[str, Sequence[C
     timesteps = [int(t) for t in pipe.inversion_steps]
     x0, _ = pipe.encode_image(images, dtype=pipe.text_encoder.dtype)  # what invert() encodes
     init_latents, zs = pipe.init_latents.clone(), pipe.zs.clone()
-    return {name: _edit(pipe, concepts, steps, timesteps, x0, init_latents, zs)
+    return {name: _edit(pipe, concepts, steps, timesteps, x0, init_latents, zs, mask)
             for name, concepts in concept_sets.items()}
 
 
-def _edit(pipe, concepts, steps, timesteps, x0, init_latents, zs) -> LeditsRun:
+MASK_ARGUMENTS = {"noise": dict(use_cross_attn_mask=False, use_intersect_mask=False),
+                  "attention": dict(use_cross_attn_mask=True, use_intersect_mask=False),
+                  "both": dict(use_cross_attn_mask=True, use_intersect_mask=True)}
+
+
+def _edit(pipe, concepts, steps, timesteps, x0, init_latents, zs, mask) -> LeditsRun:
     recorded = []
 
     def record(_pipe, _i, _t, tensors):
@@ -124,9 +153,20 @@ def _edit(pipe, concepts, steps, timesteps, x0, init_latents, zs) -> LeditsRun:
             # a list entry of None would be compared with ints: steps + 1 is "never"
             edit_cooldown_steps=[steps + 1 if c.cooldown is None else c.cooldown
                                  for c in concepts])
-    result = pipe(**edit_args, use_cross_attn_mask=False, use_intersect_mask=False,
-                  output_type="latent", callback_on_step_end=record,
-                  callback_on_step_end_tensor_inputs=["latents"])
+    tokens = []
+    encode_prompt = pipe.encode_prompt
+
+    def encode_and_count(*args, **kwargs):  # its num_edit_tokens, which __call__ keeps local
+        result = encode_prompt(*args, **kwargs)
+        tokens.append(result[2])
+        return result
+    pipe.encode_prompt = encode_and_count
+    try:
+        result = pipe(**edit_args, **MASK_ARGUMENTS[mask], output_type="latent",
+                      callback_on_step_end=record,
+                      callback_on_step_end_tensor_inputs=["latents"])
+    finally:
+        del pipe.encode_prompt
     scheduler = pipe.scheduler
     start_index = len(scheduler.timesteps) - steps
     is_dpm = not hasattr(scheduler, "final_alpha_cumprod")
@@ -137,7 +177,9 @@ def _edit(pipe, concepts, steps, timesteps, x0, init_latents, zs) -> LeditsRun:
         sigmas=scheduler.sigmas[start_index:].clone() if is_dpm else None,
         init_latents=init_latents, zs=zs, latents=torch.stack(recorded),
         edits=None if pipe.sem_guidance is None else pipe.sem_guidance.clone(),
-        output=result.images)
+        output=result.images,
+        masks=None if mask == "noise" or not concepts else pipe.activation_mask.clone(),
+        edit_tokens=None if tokens[0] is None else tokens[0][::len(x0)].tolist())
 
 
 def text_embeddings(pipe, prompts: Sequence[str], batch: int) -> torch.Tensor:
