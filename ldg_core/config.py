@@ -72,6 +72,10 @@ def _describe_short(value: Any) -> str:
     return text if len(text) <= 80 else text[:60] + "..." + text[-16:]
 
 
+# LEDITS++'s masks, where an inverted image's concepts act (ldg_core.cross_attention): the
+# noise mask alone, the cross-attention mask alone, or both intersected.
+MASKS = ("noise", "attention", "both")
+
 @dataclass(frozen=True)
 class Concept:
     """One editing concept: its prompt and how strongly, where and when it steers."""

@@ -23,11 +23,10 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .config import MASKS  # "both" is diffusers' default (use_intersect_mask=True)
 from .guidance import at_or_above_quantile
 
-# The mask choices: LEDITS++'s noise mask alone, the cross-attention mask alone, or both
-# intersected (diffusers' default, use_intersect_mask=True).
-MASKS = ("noise", "attention", "both")
+__all__ = ["MASKS", "CrossAttentionRecorder", "attention_mask"]
 # With "both", the reference uses the attention mask alone at timesteps above this one
 # (__call__: `if t <= 800`), when the noise mask is still mostly noise.
 INTERSECT_FROM_TIMESTEP = 800

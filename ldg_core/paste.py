@@ -20,11 +20,19 @@ from typing import Any, Dict, Mapping, Optional
 
 from .config import GuidanceConfig
 from .text_form import from_text, safety_from_text
-from .ui_args import KEEP_IMAGE, SAFETY_START, SLOTS_END, args_from_config, safety_values
+from .ui_args import KEEP_IMAGE, KEEP_IMAGE_MASK, SAFETY_START, SLOTS_END, args_from_config, safety_values
 
 INFOTEXT_KEY = "Latent Diffusion Guidance"
 SAFETY_KEY = "Safe Latent Diffusion"
 KEEP_IMAGE_KEY = "Latent Diffusion Guidance inversion"
+KEEP_IMAGE_MASK_TEXT = {"noise": "LEDITS++", "attention": "LEDITS++, attention mask",
+                        "both": "LEDITS++, attention and noise masks"}  # its values
+
+
+def keep_image_mask_of(text: str) -> str:
+    """The mask a KEEP_IMAGE_KEY value names (an unknown one: the noise mask)."""
+    return next((mask for mask, known in KEEP_IMAGE_MASK_TEXT.items()
+                 if known == str(text).strip()), "noise")
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ def paste_from_params(params: Mapping[str, Any]) -> Paste:
         return Paste(values={0: False, SAFETY_START: False, KEEP_IMAGE: False})
     values = dict(enumerate(args_from_config(config, enabled=True)[:SLOTS_END]))
     values[KEEP_IMAGE] = keep
+    values[KEEP_IMAGE_MASK] = keep_image_mask_of(params[KEEP_IMAGE_KEY]) if keep else "noise"
     if safety is None:
         values[SAFETY_START] = False
     else:

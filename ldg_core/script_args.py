@@ -12,15 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-from .config import MAX_CONCEPTS, Concept, GuidanceConfig
+from .config import MASKS, MAX_CONCEPTS, Concept, GuidanceConfig
 from .presets import Preset, find_preset
 from .safety_config import PRESETS as SAFETY_PRESETS, SafetyConfig
-from .ui_args import (CUSTOM, DIRECTIONS, KEEP_IMAGE, NEVER, SAFETY_CONFIGS, SAFETY_FIELDS,
-                      SAFETY_NUMBERS, SAFETY_START, SLOT_FIELDS, SLOTS_END, args_from_config, config_from_args,
+from .ui_args import (CUSTOM, DIRECTIONS, KEEP_IMAGE, KEEP_IMAGE_MASK, NEVER, SAFETY_CONFIGS,
+                      SAFETY_FIELDS, SAFETY_NUMBERS, SAFETY_START, SLOT_FIELDS, SLOTS_END, args_from_config, config_from_args,
                       default_args, safety_from_args, safety_values, slot_index)
 
 API_KEYS = ("enabled", "concepts", "momentum_scale", "momentum_beta", "preset", "concept_maps",
-            "safety", "keep_image")
+            "safety", "keep_image", "keep_image_mask")
 SAFETY_KEYS = ("enabled", "config", "concept", "scale", "threshold", "warmup",
                "momentum_scale", "momentum_beta")
 # X/Y/Z axes: global keys, and (slot, field) pairs with the slot counted from 0.
@@ -36,6 +36,7 @@ class ScriptSettings:
     concept_maps: bool = False
     safety: Optional[SafetyConfig] = None  # None: Safe Latent Diffusion off
     keep_image: bool = False  # img2img: LEDITS++ inversion of the init image
+    keep_image_mask: str = "noise"  # where its concepts act: one of config.MASKS
 
     @property
     def active(self) -> bool:
@@ -48,14 +49,14 @@ def settings_from_args(args: Sequence[Any], presets: Mapping[str, Preset],
     API's dict form; the WebUI fills the remaining positions with the UI's defaults, which are
     then ignored). `overrides` come from X/Y/Z plot axes."""
     if args and isinstance(args[0], Mapping):
-        config, maps, safety, keep = _from_dict(args[0], presets)
+        config, maps, safety, keep, mask = _from_dict(args[0], presets)
         if not overrides:
-            return ScriptSettings(config, maps, safety, keep)
+            return ScriptSettings(config, maps, safety, keep, mask)
         values = args_from_config(config, enabled=config is not None or safety is not None
                                   or keep)
         values[SLOTS_END] = maps
         values[SAFETY_START:SAFETY_START + len(SAFETY_FIELDS)] = safety_values(safety)
-        values[KEEP_IMAGE] = keep
+        values[KEEP_IMAGE], values[KEEP_IMAGE_MASK] = keep, mask
     else:
         values = list(args) + default_args()[len(args):]
     if overrides:
@@ -64,9 +65,16 @@ def settings_from_args(args: Sequence[Any], presets: Mapping[str, Preset],
     for key, value in (("concept_maps", maps), ("keep_image", keep)):
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, got {value!r}")
+    mask = _mask(values[KEEP_IMAGE_MASK])
     config, safety = config_from_args(values), safety_from_args(values)
     return ScriptSettings(config, maps and (config is not None or safety is not None), safety,
-                          keep and bool(values[0]))
+                          keep and bool(values[0]), mask)
+
+
+def _mask(value: Any) -> str:
+    if value not in MASKS:
+        raise ValueError(f"keep_image_mask must be one of {', '.join(MASKS)}, got {value!r}")
+    return value
 
 
 # -- the dict form -------------------------------------------------------------------------------
@@ -82,8 +90,9 @@ def _from_dict(data: Mapping[str, Any], presets: Mapping[str, Preset]):
     for key, value in (("enabled", enabled), ("concept_maps", maps), ("keep_image", keep)):
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, got {value!r}")
+    mask = _mask(data.get("keep_image_mask", "noise"))
     if not enabled:
-        return None, False, None, False
+        return None, False, None, False, mask
     safety = _safety(data["safety"]) if "safety" in data else None
     base = GuidanceConfig()
     if "preset" in data:
@@ -99,7 +108,7 @@ def _from_dict(data: Mapping[str, Any], presets: Mapping[str, Preset]):
         momentum_scale=data.get("momentum_scale", base.momentum_scale),
         momentum_beta=data.get("momentum_beta", base.momentum_beta))
     active = bool(config.concepts) or safety is not None
-    return (config if config.concepts else None), maps and active, safety, keep
+    return (config if config.concepts else None), maps and active, safety, keep, mask
 
 
 def _safety(data: Any) -> Optional[SafetyConfig]:

@@ -42,13 +42,16 @@ SAFETY_DEFAULTS = {"sld_enabled": False, "sld_config": SAFETY_DEFAULT_PRESET,
                    "sld_concept": DEFAULT_SAFETY_CONCEPT,
                    **{field: SAFETY_PRESETS[SAFETY_DEFAULT_PRESET][key]
                       for field, key in SAFETY_NUMBERS.items()}}
-# "Show where each concept acted", SLD, then img2img's "Keep the image" (LEDITS++ inversion).
-EXTRA_FIELDS = ("concept_maps",) + SAFETY_FIELDS + ("keep_image",)
-EXTRA_DEFAULTS = {"concept_maps": False, **SAFETY_DEFAULTS, "keep_image": False}
+# "Show where each concept acted", SLD, then img2img's "Keep the image" (LEDITS++ inversion)
+# and its mask (ldg_core.config.MASKS).
+EXTRA_FIELDS = ("concept_maps",) + SAFETY_FIELDS + ("keep_image", "keep_image_mask")
+EXTRA_DEFAULTS = {"concept_maps": False, **SAFETY_DEFAULTS, "keep_image": False,
+                  "keep_image_mask": "noise"}
 SLOTS_END = len(GLOBAL_FIELDS) + MAX_CONCEPTS * len(SLOT_FIELDS)
 SAFETY_START = SLOTS_END + 1  # where SAFETY_FIELDS begin
 SAFETY_END = SAFETY_START + len(SAFETY_FIELDS)
 KEEP_IMAGE = SAFETY_END  # the position of "keep_image"
+KEEP_IMAGE_MASK = KEEP_IMAGE + 1
 ARG_COUNT = SLOTS_END + len(EXTRA_FIELDS)
 
 

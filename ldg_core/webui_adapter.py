@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -92,6 +92,9 @@ class PassGuidance:
             list(rows) for rows in prompt_rows]
         self.webui = webui
         self._call: Optional[_Call] = None
+        # Told, right before the model calls that evaluate concept rows, which rows those are
+        # (numbered across those calls: row -> (concept, image)), with the call's _Call.
+        self.on_concept_rows: Optional[Callable[[Dict[int, Tuple[int, int]], _Call], None]] = None
 
     def replace_schedules(self, concept_schedules: Sequence[Any]) -> None:
         """New conditioning for the same concepts (the SDXL refiner took over mid-pass)."""
@@ -140,6 +143,7 @@ class PassGuidance:
                            extra_calls=extra_calls, scale=scale)
         if needed and not extra_calls:
             self._add_concept_rows(params, denoiser.step)
+            self._announce_rows(first=prompt_rows)
 
     def on_cfg_denoised(self, params) -> None:
         call = self._call
@@ -155,6 +159,7 @@ class PassGuidance:
         uncond = out[-b:]
         concepts = None
         if k and call.extra_calls:
+            self._announce_rows(first=0)
             concepts = self._evaluate_concepts(params.inner_model)
         elif k:
             concepts = out[call.prompt_rows:call.prompt_rows + k * b].view(k, *uncond.shape)
@@ -190,6 +195,17 @@ class PassGuidance:
         params.x = params.x + edit
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _announce_rows(self, first: int) -> None:
+        """on_concept_rows for the call's concept rows, laid out from row `first` concept by
+        concept, image by image (the safety concept's row is not a concept's)."""
+        call = self._call
+        if self.on_concept_rows is None:
+            return
+        count = len(self.guidance.config.concepts)
+        self.on_concept_rows({first + j * call.images + image: (concept, image)
+                              for j, concept in enumerate(call.needed) if concept < count
+                              for image in range(call.images)}, call)
 
     def _add_concept_rows(self, params, call_number: int) -> None:
         call = self._call

@@ -24,8 +24,9 @@ from .guidance import SemanticGuidance
 from .inversion import LeditsGuidance
 from .passes import GuidancePass
 from .webui_adapter import PassGuidance, WebUIFunctions, token_count
-from .paste import KEEP_IMAGE_KEY
-from .webui_inversion import InvertingSampler, sampler_problem as inversion_problem
+from .paste import KEEP_IMAGE_KEY, KEEP_IMAGE_MASK_TEXT
+from .webui_inversion import (AttentionMasks, InvertingSampler, concept_tokens,
+                              mask_token_problem, sampler_problem as inversion_problem)
 
 log = logging.getLogger("latent_diffusion_guidance")
 
@@ -47,6 +48,7 @@ class WebUIModules:
     sd_samplers_cfg_denoiser: Any  # catenate_conds, pad_cond
     sd_samplers_timesteps: Any  # CompVisSampler: the samplers that hand over eps
     forge: Optional[ForgeFunctions] = None  # Forge / Forge Neo: guidance as a post-CFG function
+    prompt_tokens: Optional[Callable[[str], int]] = None  # a text's token count (sd_hijack)
 
 
 def model_problem(model: Any) -> Optional[str]:
@@ -121,9 +123,11 @@ class Generation:
 
     def __init__(self, p: Any, config: GuidanceConfig, modules: WebUIModules, cache: list,
                  concept_maps: bool = False, safety: Optional[SafetyConfig] = None,
-                 keep_image: bool = False):
+                 keep_image: bool = False, keep_image_mask: str = "noise"):
         self.p = p
         self.keep_image = keep_image  # LEDITS++: invert the init image, then edit it
+        self.keep_image_mask = keep_image_mask  # where its concepts act (config.MASKS)
+        self.attention: Optional[AttentionMasks] = None  # the pass's cross-attention recorder
         self.inverter: Optional[InvertingSampler] = None
         self.inverting = False  # the model calls now made are the inversion's
         self.noise_map_bytes = 0  # the largest inversion's noise maps (benchmarks)
@@ -150,7 +154,7 @@ class Generation:
     def attach(cls, p: Any, config: Optional[GuidanceConfig], modules: WebUIModules,
                cache: list, error: Optional[Exception] = None,
                concept_maps: bool = False, safety: Optional[SafetyConfig] = None,
-               keep_image: bool = False) -> Optional["Generation"]:
+               keep_image: bool = False, keep_image_mask: str = "noise") -> Optional["Generation"]:
         """Prepares `p` (from the script's process()). Disabled: touches nothing at all.
         `safety`: Safe Latent Diffusion's settings, alone (config None) or with concepts.
         `keep_image`: img2img's LEDITS++ mode, which acts with no concept too."""
@@ -171,10 +175,10 @@ class Generation:
             _refuse_sampling(p, GuidanceError(problem))
             return None
         generation = cls(p, config if config is not None else GuidanceConfig(), modules, cache,
-                         concept_maps, safety, keep_image)
+                         concept_maps, safety, keep_image, keep_image_mask)
         setattr(p, _ATTRIBUTE, generation)
         if keep_image:
-            p.extra_generation_params[KEEP_IMAGE_KEY] = "LEDITS++"
+            p.extra_generation_params[KEEP_IMAGE_KEY] = KEEP_IMAGE_MASK_TEXT[keep_image_mask]
         if config is not None:
             p.extra_generation_params[INFOTEXT_KEY] = to_text(config)
         if safety is not None:
@@ -209,6 +213,8 @@ class Generation:
             guidance = self._new_pass(c, uc)
             if self.keep_image:  # with or without concepts: the image is kept
                 self._invert_in(self.p.sampler)
+                if self.keep_image_mask != "noise" and guidance.guidance.can_act():
+                    self._attend(guidance)
         except GuidanceError as error:
             return self._refuse_pass(error)
         except Exception as error:  # no image and a message, rather than an unguided image
@@ -466,6 +472,27 @@ class Generation:
         self.inverter = InvertingSampler(sampler, seeds=lambda: self.p.seeds, quiet=quiet,
                                          state=getattr(self.m.shared, "state", None))
 
+    def _attend(self, guidance: PassGuidance) -> None:
+        """The cross-attention mask: a recorder on the UNet, armed for each call's concept
+        rows; refused before sampling for a concept it cannot read."""
+        m, p = self.m, self.p
+        steps = p.sampler.config.total_steps(p.steps)
+        tokens = [concept_tokens(c.prompt, steps, m.prompt_parser, m.prompt_tokens)
+                  for c in self.config.concepts]
+        problem = mask_token_problem(tokens)
+        if problem:
+            raise GuidanceError(problem)
+        timesteps = isinstance(p.sampler, m.sd_samplers_timesteps.CompVisSampler)
+        if self.attention is not None:  # an earlier batch's
+            self.attention.detach()
+        self.attention = AttentionMasks(m.shared.sd_model.model.diffusion_model, tokens,
+                                        timesteps, need_timestep=self.keep_image_mask == "both")
+        attention = self.attention
+        guidance.guidance.engine.use_attention(self.keep_image_mask, attention.attention,
+                                               lambda: attention.timestep)
+        guidance.on_concept_rows = attention.arm
+        attention.attach()
+
     # -- callbacks ---------------------------------------------------------------------------
 
     def register(self) -> None:
@@ -503,7 +530,11 @@ class Generation:
         self._release_hooks()
 
     def _release_hooks(self) -> None:
-        """Takes our post-CFG function (Forge) or our callbacks (A1111) away."""
+        """Takes our post-CFG function (Forge) or our callbacks (A1111) away, and the
+        cross-attention recorder's hooks."""
+        if self.attention is not None:
+            self.attention.detach()
+            self.attention = None
         if self._forge_unets is not None:
             unet, patched = self._forge_unets
             if self.p.sd_model.forge_objects.unet is patched:
@@ -531,6 +562,8 @@ class Generation:
     def on_cfg_denoised(self, params) -> None:
         if self.current is not None:
             self.current.on_cfg_denoised(params)
+        if self.attention is not None:
+            self.attention.recorder.disarm()  # the step's maps are used: let them go
 
     def on_cfg_after_cfg(self, params) -> None:
         if self.current is not None:

@@ -13,16 +13,20 @@ init latents already set on the denoiser. While the mode is on, that function is
      noise (DDIM: k_diffusion.sampling.torch.randn_like, which the WebUI's DDIM calls,
      sd_samplers_timesteps_impl.py L33; DPM++ 2M SDE: the noise_sampler argument), eta 1.
 Without concepts the result is the init latents, up to float rounding.
+
+With a cross-attention mask ("attention", "both"), AttentionMasks records the concept rows'
+attention in the UNet's attn2 layers (ldg_core.cross_attention) at the calls that evaluate them.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .cross_attention import CrossAttentionRecorder
 from .failures import StopSampling, sampling_failure
 from .inversion import DDIMRule, DPMpp2MSDERule, NoiseMaps, invert
 
@@ -185,3 +189,67 @@ class InvertingSampler:
             return self.original(model, maps.start, *args, **kwargs)
         finally:
             k_diffusion.sampling.torch = hijack
+
+
+# -- the cross-attention mask ------------------------------------------------------------------
+
+# The UNet's blocks by their module names: ldm's and sgm's UNetModel, which the WebUI runs
+# (openaimodel.py: input_blocks, middle_block, output_blocks), and diffusers' names (the UNet
+# of the test double).
+BLOCK_PLACES = {"input_blocks": "down", "middle_block": "mid", "output_blocks": "up",
+                "down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
+MASK_TOKENS = 75  # one chunk of the WebUI's prompt encoding: tokens 1..75, after the start
+
+
+def cross_attention_layers(unet: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
+    """(place, module) for the UNet's cross-attention layers (attn2), in call order."""
+    return [(BLOCK_PLACES.get(name.split(".")[0], "other"), module)
+            for name, module in unet.named_modules() if name.rsplit(".", 1)[-1] == "attn2"]
+
+
+def concept_tokens(prompt: str, steps: int, prompt_parser: Any,
+                   count: Callable[[str], int]) -> int:
+    """A concept's token count as the WebUI's token counter takes it (ui.py
+    update_token_counter L156-190): the longest text of its prompt schedule."""
+    schedules = prompt_parser.get_learned_conditioning_prompt_schedules([prompt], steps)
+    return max(count(text) for _, text in schedules[0])
+
+
+def mask_token_problem(tokens: Sequence[int]) -> Optional[str]:
+    for number, count in enumerate(tokens, start=1):
+        if count > MASK_TOKENS:
+            return (f"concept {number} has {count} tokens, and the cross-attention mask reads "
+                    f"at most {MASK_TOKENS} (one chunk of the prompt encoding): shorten it, or "
+                    "choose the noise mask")
+    return None
+
+
+class AttentionMasks:
+    """The cross-attention mask for one pass: a recorder on the WebUI's UNet, armed for the
+    concept rows of each CFG denoiser call (PassGuidance.on_concept_rows)."""
+
+    def __init__(self, unet: torch.nn.Module, tokens: Sequence[int], timesteps: bool,
+                 need_timestep: bool):
+        """`tokens`: each concept's token count; `timesteps`: the sampler's denoiser gets
+        timesteps (DDIM), not sigmas; `need_timestep`: the mask ("both") reads the timestep."""
+        self.recorder = CrossAttentionRecorder(unet, cross_attention_layers(unet))
+        self.tokens = dict(enumerate(tokens))
+        self.timesteps, self.need_timestep = timesteps, need_timestep
+        self.images, self.timestep = 0, None
+
+    def attach(self) -> None:
+        self.recorder.attach()
+
+    def detach(self) -> None:
+        self.recorder.detach()
+
+    def arm(self, rows: Dict[int, Tuple[int, int]], call: Any) -> None:
+        self.images = call.images
+        self.recorder.arm(rows, self.tokens, tuple(call.x.shape[-2:]))
+        if self.need_timestep:  # one read per step, for "both" only
+            sigma = call.sigma[:1]
+            self.timestep = float(sigma if self.timesteps else
+                                  call.denoiser.inner_model.sigma_to_t(sigma))
+
+    def attention(self, concept: int) -> torch.Tensor:
+        return self.recorder.attention(concept, self.images)

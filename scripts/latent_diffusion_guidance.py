@@ -13,6 +13,7 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from ldg_core import MAX_CONCEPTS
+from ldg_core.config import MASKS
 from ldg_core.hosts import NAMES as HOST_NAMES, detect_host, describe_host
 from ldg_core.paste import paste_from_params
 from ldg_core.presets import all_presets, find_preset, save_user_preset, user_presets_path
@@ -105,8 +106,12 @@ class LatentDiffusionGuidanceScript(scripts.Script):
                 elem_id=self.elem_id("ldg_keep_image"), elem_classes=["ldg-keep-image"],
                 info="inverts the init image first, so only what the concepts touch changes; "
                      "sampler DDIM or DPM++ 2M SDE, one extra model call per step")
+            keep_image_mask = gr.Radio(
+                label="Where concepts act (LEDITS++ mask)", choices=list(MASKS), value="noise",
+                visible=is_img2img, elem_id=self.elem_id("ldg_keep_image_mask"),
+                elem_classes=["ldg-keep-image-mask"])
         args = ([enabled, momentum_scale, momentum_beta] + slots + [concept_maps] + safety
-                + [keep_image])
+                + [keep_image, keep_image_mask])
         self._wire_presets(preset, preset_name, save, preset_status, args, groups)
         self._wire_paste(args, groups, is_img2img)
         return args
@@ -252,10 +257,11 @@ class LatentDiffusionGuidanceScript(scripts.Script):
             settings = settings_from_args(args, presets(), getattr(p, XYZ_ATTRIBUTE, None))
             config, maps, safety, keep, error = (settings.config, settings.concept_maps,
                                                  settings.safety, settings.keep_image, None)
+            mask = settings.keep_image_mask
         except ValueError as bad:
-            config, maps, safety, keep, error = None, False, None, False, bad
+            config, maps, safety, keep, mask, error = None, False, None, False, "noise", bad
         Generation.attach(p, config, webui_modules(), _conds_cache, error, concept_maps=maps,
-                          safety=safety, keep_image=keep)
+                          safety=safety, keep_image=keep, keep_image_mask=mask)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         from ldg_core.webui_generation import Generation
@@ -284,8 +290,15 @@ def webui_modules():
             sd_samplers_common=sd_samplers_common,
             sd_samplers_cfg_denoiser=sd_samplers_cfg_denoiser,
             sd_samplers_timesteps=sd_samplers_timesteps,
-            forge=forge_functions() if HOST != "a1111" else None))
+            forge=forge_functions() if HOST != "a1111" else None, prompt_tokens=prompt_tokens))
     return _modules[0]
+
+
+def prompt_tokens(text):
+    """The WebUI's token count of a text, as its token counter has it (sd_hijack.py L324-333;
+    SD 1.x, 2.x and SDXL alike, sd_models_xl.py L73-86)."""
+    from modules import sd_hijack
+    return sd_hijack.model_hijack.get_prompt_lengths(text)[0]
 
 
 def forge_functions():

@@ -41,14 +41,14 @@ def test_positional_layout_of_the_readme():
 
 def test_concept_maps_is_the_argument_after_the_ten_slots():
     args = script_args([{"prompt": "glasses"}])
-    assert len(args) == 3 + 10 * 8 + 1 + 8 + 1  # + SLD's part, then "Keep the image"
+    assert len(args) == 3 + 10 * 8 + 1 + 8 + 2  # + SLD's part, "Keep the image" and its mask
     args[3 + 10 * 8] = True
     assert parse(args).concept_maps is True
     args[0] = False  # disabled: nothing to map
     assert parse(args) .concept_maps is False
 
 
-def test_keep_image_is_the_last_argument_and_a_key_of_the_dict_form():
+def test_keep_image_and_its_mask_are_the_last_arguments_and_keys_of_the_dict_form():
     args = script_args([])
     args[3 + 10 * 8 + 1 + 8] = True
     settings = parse(args)  # no concept: the image is kept (and nothing else changes)
@@ -60,6 +60,13 @@ def test_keep_image_is_the_last_argument_and_a_key_of_the_dict_form():
     assert parse(script_args([{"prompt": "hat"}])).keep_image is False  # older positional calls
     with pytest.raises(ValueError, match="keep_image must be true or false, got 'yes'"):
         parse([{"keep_image": "yes"}])
+    assert settings.keep_image_mask == "noise"
+    args[0], args[3 + 10 * 8 + 1 + 8 + 1] = True, "both"
+    assert parse(args).keep_image_mask == "both"
+    args[3 + 10 * 8 + 1 + 8 + 1] = "everywhere"
+    with pytest.raises(ValueError, match="keep_image_mask must be one of noise, attention, "
+                                         "both, got 'everywhere'"):
+        parse(args)
 
 
 def test_empty_or_unticked_positional_slots_are_unused():

@@ -1,6 +1,10 @@
 """A tiny Stable-Diffusion-like model for the double: a word-embedding text encoder with
 75-token chunks and BREAK, and a small diffusers UNet with cross-attention predicting eps.
-With sdxl=True its conditioning is a dict with 'crossattn' and a pooled 'vector', as SDXL's."""
+With sdxl=True its conditioning is a dict with 'crossattn' and a pooled 'vector', as SDXL's.
+With attention_levels=True its UNet has cross-attention at the latents' resolution / 4 too,
+where LEDITS++'s attention mask looks (as SD's UNets have). The UNet is also at
+`model.diffusion_model`, where the WebUI's LatentDiffusion keeps its UNet (ldm ddpm.py
+DiffusionWrapper)."""
 import zlib
 
 import torch
@@ -16,7 +20,8 @@ def _vector(word, size=DIM, salt=""):
 
 
 class TinySD(torch.nn.Module):
-    def __init__(self, sdxl=False, v_prediction=False, seed=0, name="tiny"):
+    def __init__(self, sdxl=False, v_prediction=False, seed=0, name="tiny",
+                 attention_levels=False):
         super().__init__()
         self.salt = "" if seed == 0 else f"model {seed}: "  # another model, another text encoder
         from diffusers import UNet2DConditionModel
@@ -25,13 +30,16 @@ class TinySD(torch.nn.Module):
         self.cond_stage_key = "txt"
         self.parameterization = "v" if v_prediction else "eps"
         self.model = type("Wrapper", (), {"conditioning_key": "crossattn"})()
+        levels = dict(block_out_channels=(8, 16, 16), down_block_types=("CrossAttnDownBlock2D",) * 3,
+                      up_block_types=("CrossAttnUpBlock2D",) * 3) if attention_levels else dict(
+            block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
         self.unet = UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=DIM,
-            attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            norm_num_groups=8, cross_attention_dim=DIM, attention_head_dim=4, **levels,
             class_embed_type="projection" if sdxl else None,
             projection_class_embeddings_input_dim=DIM if sdxl else None).eval()
+        self.model.diffusion_model = self.unet
         betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
         self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())
         self.sd_checkpoint_info = name
@@ -70,6 +78,10 @@ class TinySD(torch.nn.Module):
             return crossattn
         vector = torch.stack([_vector("pool " + t, salt=self.salt) for t in texts])
         return prompt_parser.DictWithShape({"crossattn": crossattn, "vector": vector})
+
+    def token_count(self, text):
+        """Tokens of `text` without start and end tokens, across its chunks."""
+        return sum(len(chunk) for chunk in self._chunks(text))
 
     # denoising -------------------------------------------------------------------------------
     def apply_model(self, x, t, cond):

@@ -50,6 +50,11 @@ def prompt_schedule(prompt, base_steps, hires_steps=None, use_old_scheduling=Fal
     return [[when, before], [steps, after]]
 
 
+def get_learned_conditioning_prompt_schedules(prompts, base_steps, hires_steps=None,
+                                             use_old_scheduling=False):  # L28-135
+    return [prompt_schedule(p, base_steps, hires_steps, use_old_scheduling) for p in prompts]
+
+
 def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
     res, cache = [], {}
     for prompt in prompts:
