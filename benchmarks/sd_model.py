@@ -18,11 +18,10 @@ SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                               "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
                             "CrossAttnUpBlock2D"))
-# The quick mode's UNet: the same block structure, tiny widths.
-TINY = dict(SD15, layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8,
-            cross_attention_dim=32, attention_head_dim=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+# The quick mode's UNet: the same block structure (cross-attention at the latents' resolution,
+# / 2 and / 4, where LEDITS++'s attention mask looks), tiny widths.
+TINY = dict(SD15, layers_per_block=1, block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
+            cross_attention_dim=32, attention_head_dim=4)
 
 
 def build_unet(config: dict, *, device="cpu", dtype=torch.float32, seed=0):
@@ -45,6 +44,7 @@ class BenchSD(torch.nn.Module):
         self.cond_stage_key = "txt"
         self.parameterization = "eps"
         self.model = type("Wrapper", (), {"conditioning_key": "crossattn"})()
+        self.model.diffusion_model = unet  # where the WebUI's model keeps its UNet
         betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
         self.register_buffer("alphas_cumprod",
                              torch.cumprod(1 - betas, 0).float().to(self.device))
@@ -62,6 +62,10 @@ class BenchSD(torch.nn.Module):
         rows = [self._vector("<bos>")] + [self._vector(w) for w in words]
         rows += [self._vector("<eos>")] * (CHUNK + 2 - len(rows))
         return torch.stack(rows)
+
+    def token_count(self, text):
+        from tests.webui_double.model import TinySD
+        return sum(len(chunk) for chunk in TinySD._chunks(text))
 
     def get_learned_conditioning(self, texts):
         from tests.webui_double.model import TinySD  # the same 75-token chunking and BREAK

@@ -25,7 +25,8 @@
         "ldg-sld-warmup": "Sampling steps before SLD is applied (its momentum builds up meanwhile).",
         "ldg-sld-momentum-scale": "How much of SLD's running average of earlier steers is added to each step's; 0 turns it off.",
         "ldg-sld-momentum-beta": "How much of SLD's running average is kept from one step to the next (0 to 1).",
-        "ldg-keep-image": "img2img: invert the image first (LEDITS++), so that without concepts it comes back unchanged and concepts change only what they touch. DDIM or DPM++ 2M SDE."
+        "ldg-keep-image": "img2img: invert the image first (LEDITS++), so that without concepts it comes back unchanged and concepts change only what they touch. DDIM or DPM++ 2M SDE.",
+        "ldg-keep-image-mask": "Where kept-image concepts act: noise, where their push is strongest; attention, where their words attend in the UNet; both, where the two meet (LEDITS++'s default)."
     };
 
     function apply() {

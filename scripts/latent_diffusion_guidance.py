@@ -108,7 +108,7 @@ class LatentDiffusionGuidanceScript(scripts.Script):
                      "sampler DDIM or DPM++ 2M SDE, one extra model call per step")
             keep_image_mask = gr.Radio(
                 label="Where concepts act (LEDITS++ mask)", choices=list(MASKS), value="noise",
-                visible=is_img2img, elem_id=self.elem_id("ldg_keep_image_mask"),
+                visible=is_img2img, interactive=True, elem_id=self.elem_id("ldg_keep_image_mask"),
                 elem_classes=["ldg-keep-image-mask"])
         args = ([enabled, momentum_scale, momentum_beta] + slots + [concept_maps] + safety
                 + [keep_image, keep_image_mask])

@@ -11,7 +11,8 @@ HEADERS = ["## 1. Overhead vs the ideal", "## 2. Rows saved by exact skipping",
            "## 5. Peak memory vs N, with and without a row limit",
            "## 6. Against the reference pipeline",
            "## 7. Forge's separate concept call vs the batched rows of A1111 and reForge",
-           "## 8. Keep the image (LEDITS++ inversion) vs plain img2img"]
+           "## 8. Keep the image (LEDITS++ inversion) vs plain img2img",
+           "## 9. Keep the image: cross-attention masks vs the noise mask"]
 
 
 def test_quick_benchmark_prints_every_table_and_writes_the_file(tmp_path):

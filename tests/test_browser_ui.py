@@ -63,7 +63,7 @@ def test_accordion_in_chromium(page):
     seen = run_driver(variable, venv, requirements)
     assert seen["gradio"] == version
     # + Safe Latent Diffusion's 8, + img2img's "Keep the image" (hidden in txt2img)
-    assert seen["argument_count"] == 3 + 10 * SLOT + 1 + 8 + 1
+    assert seen["argument_count"] == 3 + 10 * SLOT + 1 + 8 + 2
     assert seen["closed_by_default"] is True
     assert seen["slots_visible"] == [True] * 3 + [False] * 7  # the Settings count, 3
 
@@ -81,13 +81,16 @@ def test_accordion_in_chromium(page):
     assert settings.concept_maps is True
 
     expected = tooltips()
-    assert len(expected) == 23 and expected["ldg-scale"] == "How hard the concept pushes."
+    assert len(expected) == 24 and expected["ldg-scale"] == "How hard the concept pushes."
     for name, text in expected.items():  # every control of that kind carries it, and only it
         assert seen["tooltips"].get(name) == [text], name
     assert seen["scrolling_sideways"] == []  # nothing in a slot clipped behind a scrollbar
     assert seen["keep_image_in_txt2img"] is False and seen["keep_image_in_img2img"] is True
     assert seen["keep_image_title"] == expected["ldg-keep-image"]
-    assert filled[-1] is False  # txt2img's hidden box stays off
+    assert seen["keep_image_mask_in_txt2img"] is False
+    assert seen["keep_image_mask_in_img2img"] == "both"  # clicked, and read back
+    assert seen["keep_image_mask_title"] == expected["ldg-keep-image-mask"]
+    assert filled[-2:] == [False, "noise"]  # txt2img's hidden box stays off, its mask unset
 
     picked = seen["after_preset"]
     preset = BUILTIN_PRESETS["Quality and art direction"].config

@@ -157,6 +157,11 @@ def drive(url, artifacts):
         keep.check()
         seen["keep_image_in_img2img"] = keep.is_checked()
         seen["keep_image_title"] = page.locator(f"#{ipid}ldg_keep_image").get_attribute("title")
+        seen["keep_image_mask_in_txt2img"] = page.locator(f"#{pid}ldg_keep_image_mask").is_visible()
+        mask = page.locator(f"#{ipid}ldg_keep_image_mask")
+        mask.locator("label", has_text="both").click()
+        seen["keep_image_mask_in_img2img"] = mask.locator("input:checked").get_attribute("value")
+        seen["keep_image_mask_title"] = mask.get_attribute("title")
         seen["tooltips"] = page.evaluate(TOOLTIPS)
         # A part of a slot that scrolls sideways: its content does not fit (a clipped radio).
         seen["scrolling_sideways"] = page.evaluate("""() => Array.from(
