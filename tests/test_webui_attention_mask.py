@@ -69,7 +69,9 @@ def by_hand(x, timestep, prompt, tokens):
     each /4 attn2 layer of the down and up blocks' probabilities from q and k, averaged over
     heads and layers, summed over tokens 1..tokens."""
     model = shared.sd_model
-    context = model.get_learned_conditioning([prompt])
+    cond = model.get_learned_conditioning([prompt])
+    context = cond["crossattn"] if model.is_sdxl else cond
+    labels = cond["vector"] if model.is_sdxl else None
     layers, grabbed = [], []
     for name, module in model.unet.named_modules():
         if name.endswith("attn2") and not name.startswith("mid_block"):
@@ -78,7 +80,8 @@ def by_hand(x, timestep, prompt, tokens):
                 with_kwargs=True))
     try:
         with torch.no_grad():
-            model.unet(x[None], torch.tensor([timestep]), encoder_hidden_states=context)
+            model.unet(x[None], torch.tensor([timestep]), encoder_hidden_states=context,
+                       class_labels=labels)
     finally:
         for handle in layers:
             handle.remove()
@@ -99,6 +102,7 @@ CASES = {
     "two images, non-square": dict(batch=2, height=16, width=24),
     "AND prompt": dict(batch=2, prompt="a cat AND a dog :0.5"),
     "concepts in calls of their own": dict(batch=2, max_rows=3),
+    "SDXL conditioning": dict(batch=2, sdxl=True),
 }
 
 
@@ -107,6 +111,8 @@ def test_each_map_is_the_concepts_own_attention_on_its_image(case, monkeypatch):
     settings = dict(CASES[case])
     if "max_rows" in settings:
         shared.opts.ldg_max_rows_per_call = settings.pop("max_rows")
+    if settings.pop("sdxl", False):  # a dict conditioning with a pooled vector
+        shared.sd_model = TinySD(sdxl=True, attention_levels=True)
     spy = Spy(monkeypatch)
     p, out = h.generate(img2img(**settings), mask_args([GLASSES, HAT], "attention"))
     assert p.extra_generation_params[KEEP_IMAGE_KEY] == "LEDITS++, attention mask"
