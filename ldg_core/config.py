@@ -76,6 +76,13 @@ def _describe_short(value: Any) -> str:
 # noise mask alone, the cross-attention mask alone, or both intersected.
 MASKS = ("noise", "attention", "both")
 
+
+def check_mask(value: Any, name: str = "the mask") -> str:
+    if value not in MASKS:
+        raise ValueError(f"{name} must be one of {', '.join(MASKS)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Concept:
     """One editing concept: its prompt and how strongly, where and when it steers."""

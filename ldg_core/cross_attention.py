@@ -17,6 +17,7 @@ the model calls the host arms it for; the rest of every call runs untouched.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -29,13 +30,15 @@ from .guidance import at_or_above_quantile
 __all__ = ["MASKS", "CrossAttentionRecorder", "attention_mask"]
 # With "both", the reference uses the attention mask alone at timesteps above this one
 # (__call__: `if t <= 800`), when the noise mask is still mostly noise.
-INTERSECT_FROM_TIMESTEP = 800
+ATTENTION_ONLY_ABOVE_TIMESTEP = 800
 PLACES = ("up", "down")  # the reference's from_where; the middle block is left out
 FIRST_TOKEN = 1  # a concept's tokens follow the start token
 
 
+@functools.lru_cache(maxsize=8)
 def gaussian_kernel(dtype: torch.dtype, device) -> torch.Tensor:
-    """The reference's 3x3 smoothing kernel, sigma 0.5, normalised (built in float32)."""
+    """The reference's 3x3 smoothing kernel, sigma 0.5, normalised (built in float32; one
+    copy per dtype and device)."""
     grid = torch.arange(3, dtype=torch.float32)
     rows, cols = torch.meshgrid(grid, grid, indexing="ij")
     kernel = 1
@@ -60,9 +63,14 @@ def probabilities(layer: torch.nn.Module, x: torch.Tensor, context: torch.Tensor
     """A cross-attention layer's probabilities [rows, heads, queries, tokens], from its own
     to_q / to_k projections, head count and scale (the names of the WebUI's ldm and sgm
     CrossAttention and of diffusers' Attention), computed as diffusers' get_attention_scores
-    does; in float32, where half-precision scores would overflow."""
-    heads = layer.heads
-    q, k = layer.to_q(x).float(), layer.to_k(context).float()
+    does; in float32 (autocast off: the WebUI samples under it), where half-precision scores
+    would overflow."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _probabilities(layer, layer.to_q(x).float(), layer.to_k(context).float())
+
+
+def _probabilities(layer: torch.nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    heads, rows = layer.heads, q.shape[0]
 
     def split(t):  # [rows, n, heads * d] -> [rows * heads, n, d], the heads inner
         rows, n, width = t.shape
@@ -72,7 +80,7 @@ def probabilities(layer: torch.nn.Module, x: torch.Tensor, context: torch.Tensor
     scores = torch.baddbmm(torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype,
                                        device=q.device),
                            q, k.transpose(-1, -2), beta=0, alpha=layer.scale)
-    return scores.softmax(dim=-1).view(x.shape[0], heads, q.shape[1], k.shape[1])
+    return scores.softmax(dim=-1).view(rows, heads, q.shape[1], k.shape[1])
 
 
 def _context(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
@@ -86,8 +94,19 @@ def _context(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
 
 def query_size(latent_size: Tuple[int, int]) -> Tuple[int, int]:
     """The query grid at resolution / 4: two stride-2 downsamplings (3x3, padding 1) of the
-    latents, each rounding up; latent sides divisible by 4 give the reference's size / 4."""
-    return tuple(-(-(-(-side // 2)) // 2) for side in latent_size)
+    latents, each rounding up, so ceil(side / 4); the reference's size / 4 where it divides."""
+    return tuple(-(-side // 4) for side in latent_size)
+
+
+def _runs(rows: Sequence[int]) -> List[Tuple[int, int]]:
+    """(start, length) of each run of consecutive rows in sorted `rows`."""
+    runs: List[Tuple[int, int]] = []
+    for row in rows:
+        if runs and runs[-1][0] + runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((row, 1))
+    return runs
 
 
 class CrossAttentionRecorder:
@@ -116,7 +135,8 @@ class CrossAttentionRecorder:
             return
         if not self.layers:
             raise ValueError("the UNet has no cross-attention layers in its down and up blocks")
-        self._handles.append(self.unet.register_forward_pre_hook(self._model_call))
+        self._handles.append(self.unet.register_forward_pre_hook(self._model_call,
+                                                                 with_kwargs=True))
         for place, layer in self.layers:
             self._handles.append(layer.register_forward_pre_hook(
                 self._hook(place), with_kwargs=True))
@@ -139,10 +159,15 @@ class CrossAttentionRecorder:
     def disarm(self) -> None:
         self._rows, self._store, self._offset, self._call_rows = {}, {}, 0, 0
 
-    def _model_call(self, module, args) -> None:
+    def _model_call(self, module, args, kwargs) -> None:
         self._offset += self._call_rows
-        x = args[0] if args else None
-        self._call_rows = x.shape[0] if isinstance(x, torch.Tensor) else 0
+        x = args[0] if args else kwargs.get("x", kwargs.get("sample"))
+        if not isinstance(x, torch.Tensor):
+            if self._rows:  # rows could no longer be told apart: better no image
+                raise RuntimeError("the UNet was called without its latents as the first "
+                                   "argument, so its rows cannot be counted")
+            x = None
+        self._call_rows = 0 if x is None else x.shape[0]
 
     def _hook(self, place: str) -> Callable:
         def record(layer, args, kwargs):
@@ -151,30 +176,35 @@ class CrossAttentionRecorder:
             x = args[0] if args else kwargs.get("x", kwargs.get("hidden_states"))
             if x.shape[1] != self._queries:
                 return
-            local = [(row - self._offset, key) for row, key in self._rows.items()
-                     if self._offset <= row < self._offset + x.shape[0]]
-            if not local:
-                return
-            index = torch.tensor([row for row, _ in local], device=x.device)
-            with torch.no_grad():
-                probs = probabilities(layer, x.index_select(0, index),
-                                      _context(args, kwargs).index_select(0, index))
-            for (_, (concept, image)), row_probs in zip(local, probs):
-                # the concept's tokens, copied: the whole row's probabilities are let go
-                tokens = row_probs[..., FIRST_TOKEN:FIRST_TOKEN + self._tokens[concept]].clone()
-                self._store.setdefault((concept, image, place), []).append(tokens)
+            local = sorted(row - self._offset for row in self._rows
+                           if self._offset <= row < self._offset + x.shape[0])
+            context = _context(args, kwargs)
+            if context is None:
+                raise RuntimeError("a cross-attention layer was called without its context")
+            for start, count in _runs(local):  # slices, not an index tensor: no device sync
+                with torch.no_grad():
+                    probs = probabilities(layer, x.narrow(0, start, count),
+                                          context.narrow(0, start, count))
+                for row, row_probs in enumerate(probs, start=start + self._offset):
+                    concept, image = self._rows[row]
+                    # kept: the concept's tokens summed, per head [heads, h * w]
+                    first, last = FIRST_TOKEN, FIRST_TOKEN + self._tokens[concept]
+                    self._store.setdefault((concept, image, place), []).append(
+                        row_probs[..., first:last].sum(-1))
         return record
 
     def attention(self, concept: int, images: int) -> torch.Tensor:
-        """[images, h, w]: the concept's attention, averaged over the recorded heads and
-        layers (up blocks first, as the reference concatenates them), summed over its tokens."""
+        """[images, h, w]: the concept's attention summed over its tokens, averaged over the
+        recorded heads and layers (up blocks first, as the reference concatenates them)."""
         maps = []
         for image in range(images):
             layers = [t for place in PLACES for t in self._store.get((concept, image, place), [])]
             if not layers:
-                raise RuntimeError(f"no cross-attention was recorded for concept {concept + 1} "
-                                   f"at resolution {self.size[0]}x{self.size[1]}")
-            heads = torch.cat(layers)  # [layers * heads, h * w, tokens]
-            mean = heads.sum(0) / heads.shape[0]
-            maps.append(mean.sum(-1).view(*self.size))
+                raise RuntimeError(
+                    f"no cross-attention was recorded for concept {concept + 1} at "
+                    f"{self.size[0]}x{self.size[1]}, a quarter of the latents' size: this UNet "
+                    "has no cross-attention there, or runs without its own layers (another "
+                    "UNet took its place); choose the noise mask")
+            heads = torch.cat(layers)  # [layers * heads, h * w]
+            maps.append((heads.sum(0) / heads.shape[0]).view(*self.size))
         return torch.stack(maps)

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 
 from .config import Concept
-from .cross_attention import INTERSECT_FROM_TIMESTEP, MASKS, attention_mask
+from .config import check_mask
+from .cross_attention import ATTENTION_ONLY_ABOVE_TIMESTEP, attention_mask
 from .guidance import _by_index, _check_pair, at_or_above_quantile, is_cooled
 
 
@@ -220,13 +221,15 @@ def ledits_edit(concepts: Sequence[Concept], step: int, uncond: torch.Tensor,
     """LEDITS++'s edit at `step`, in eps: the sum over the acting concepts of their scaled
     direction from `uncond`, kept where the concept's mask is true, times the concept's weight
     (1 in the reference). `estimates` maps concept index to eps for concepts_acting(concepts,
-    step). `mask` (one of cross_attention.MASKS): "noise", ledits_mask; "attention", the
+    step). `mask` (one of config.MASKS): "noise", ledits_mask; "attention", the
     cross-attention mask of `attention(i)`, concept i's map [B, h, w]; "both", their
-    intersection, or the attention mask alone while `timestep` (the step's model timestep) is
-    above INTERSECT_FROM_TIMESTEP, as the reference's use_intersect_mask does.
+    intersection, or the attention mask alone while `timestep` (the step's model timestep, a
+    number or a one-element tensor, read on its device) is above ATTENTION_ONLY_ABOVE_TIMESTEP,
+    as the reference's use_intersect_mask does.
     """
-    if mask not in MASKS:
-        raise ValueError(f"the mask must be one of {', '.join(MASKS)}, got {mask!r}")
+    check_mask(mask)
+    if mask == "both" and timestep is None:
+        raise ValueError("the mask 'both' needs the step's timestep")
     edit = torch.zeros_like(uncond)
     for i in concepts_acting(concepts, step):
         concept = concepts[i]
@@ -234,12 +237,13 @@ def ledits_edit(concepts: Sequence[Concept], step: int, uncond: torch.Tensor,
         if concept.reverse:
             term = term * -1
         term = term * concept.scale
-        keep = None
-        if mask == "noise" or (mask == "both" and timestep <= INTERSECT_FROM_TIMESTEP):
+        if mask == "noise":
             keep = ledits_mask(term, concept.threshold)
-        if mask != "noise":
-            where = attention_mask(attention(i), concept.threshold, term.shape[-2:], term.shape[1])
-            keep = where if keep is None else keep & where
+        else:
+            keep = attention_mask(attention(i), concept.threshold, term.shape[-2:], term.shape[1])
+        if mask == "both":  # no host branch on the timestep: it may sit on the device
+            noisy = torch.as_tensor(timestep, device=term.device) > ATTENTION_ONLY_ABOVE_TIMESTEP
+            keep = keep & (ledits_mask(term, concept.threshold) | noisy.reshape(-1)[0])
         if observer is not None:
             observer(i, keep)
         term = torch.where(keep, term, torch.zeros_like(term))
@@ -262,10 +266,9 @@ class LeditsGuidance:
         self._timestep: Optional[Callable[[], float]] = None
 
     def use_attention(self, mask: str, attention: Callable[[int], torch.Tensor],
-                      timestep: Callable[[], float]) -> None:
+                      timestep: Callable[[], Any]) -> None:
         """`attention(i)`: concept i's map at the current step; `timestep()`: its timestep."""
-        if mask not in MASKS:
-            raise ValueError(f"the mask must be one of {', '.join(MASKS)}, got {mask!r}")
+        check_mask(mask)
         self.mask, self._attention, self._timestep = mask, attention, timestep
 
     def needed(self, step: int):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-from .config import MASKS, MAX_CONCEPTS, Concept, GuidanceConfig
+from .config import MAX_CONCEPTS, check_mask, Concept, GuidanceConfig
 from .presets import Preset, find_preset
 from .safety_config import PRESETS as SAFETY_PRESETS, SafetyConfig
 from .ui_args import (CUSTOM, DIRECTIONS, KEEP_IMAGE, KEEP_IMAGE_MASK, NEVER, SAFETY_CONFIGS,
@@ -65,16 +65,11 @@ def settings_from_args(args: Sequence[Any], presets: Mapping[str, Preset],
     for key, value in (("concept_maps", maps), ("keep_image", keep)):
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, got {value!r}")
-    mask = _mask(values[KEEP_IMAGE_MASK])
+    mask = check_mask(values[KEEP_IMAGE_MASK], "keep_image_mask")
     config, safety = config_from_args(values), safety_from_args(values)
     return ScriptSettings(config, maps and (config is not None or safety is not None), safety,
                           keep and bool(values[0]), mask)
 
-
-def _mask(value: Any) -> str:
-    if value not in MASKS:
-        raise ValueError(f"keep_image_mask must be one of {', '.join(MASKS)}, got {value!r}")
-    return value
 
 
 # -- the dict form -------------------------------------------------------------------------------
@@ -90,7 +85,7 @@ def _from_dict(data: Mapping[str, Any], presets: Mapping[str, Preset]):
     for key, value in (("enabled", enabled), ("concept_maps", maps), ("keep_image", keep)):
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, got {value!r}")
-    mask = _mask(data.get("keep_image_mask", "noise"))
+    mask = check_mask(data.get("keep_image_mask", "noise"), "keep_image_mask")
     if not enabled:
         return None, False, None, False, mask
     safety = _safety(data["safety"]) if "safety" in data else None

@@ -207,20 +207,31 @@ def cross_attention_layers(unet: torch.nn.Module) -> List[Tuple[str, torch.nn.Mo
             for name, module in unet.named_modules() if name.rsplit(".", 1)[-1] == "attn2"]
 
 
+TokenSchedule = List[Tuple[int, int]]  # (end_at_step, token count) per text of a schedule
+
+
 def concept_tokens(prompt: str, steps: int, prompt_parser: Any,
-                   count: Callable[[str], int]) -> int:
-    """A concept's token count as the WebUI's token counter takes it (ui.py
-    update_token_counter L156-190): the longest text of its prompt schedule."""
+                   count: Callable[[str], int]) -> TokenSchedule:
+    """A concept's token count for each text of its prompt schedule (prompt_parser.py
+    L28-135), counted as the WebUI's token counter counts (sd_hijack.get_prompt_lengths)."""
     schedules = prompt_parser.get_learned_conditioning_prompt_schedules([prompt], steps)
-    return max(count(text) for _, text in schedules[0])
+    return [(end, count(text)) for end, text in schedules[0]]
 
 
-def mask_token_problem(tokens: Sequence[int]) -> Optional[str]:
-    for number, count in enumerate(tokens, start=1):
+def tokens_at(schedule: TokenSchedule, step: int) -> int:
+    """The count of the text the concept's conditioning has at call `step`, picked as
+    reconstruct_cond_batch picks it (prompt_parser.py L270-304: the first entry whose end is
+    at or after the step, else the first)."""
+    return next((count for end, count in schedule if step <= end), schedule[0][1])
+
+
+def mask_token_problem(tokens: Sequence[TokenSchedule]) -> Optional[str]:
+    for number, schedule in enumerate(tokens, start=1):
+        count = max(count for _, count in schedule)
         if count > MASK_TOKENS:
             return (f"concept {number} has {count} tokens, and the cross-attention mask reads "
-                    f"at most {MASK_TOKENS} (one chunk of the prompt encoding): shorten it, or "
-                    "choose the noise mask")
+                    f"at most {MASK_TOKENS} (one chunk of the prompt encoding; a BREAK ends a "
+                    "chunk early): shorten it, or choose the noise mask")
     return None
 
 
@@ -228,10 +239,11 @@ class AttentionMasks:
     """The cross-attention mask for one pass: a recorder on the WebUI's UNet, armed for the
     concept rows of each CFG denoiser call (PassGuidance.on_concept_rows)."""
 
-    def __init__(self, unet: torch.nn.Module, tokens: Sequence[int], timesteps: bool,
+    def __init__(self, unet: torch.nn.Module, tokens: Sequence[TokenSchedule], timesteps: bool,
                  need_timestep: bool):
-        """`tokens`: each concept's token count; `timesteps`: the sampler's denoiser gets
-        timesteps (DDIM), not sigmas; `need_timestep`: the mask ("both") reads the timestep."""
+        """`tokens`: each concept's token counts (concept_tokens); `timesteps`: the sampler's
+        denoiser gets timesteps (DDIM), not sigmas; `need_timestep`: the mask ("both") reads
+        the timestep."""
         self.recorder = CrossAttentionRecorder(unet, cross_attention_layers(unet))
         self.tokens = dict(enumerate(tokens))
         self.timesteps, self.need_timestep = timesteps, need_timestep
@@ -245,11 +257,12 @@ class AttentionMasks:
 
     def arm(self, rows: Dict[int, Tuple[int, int]], call: Any) -> None:
         self.images = call.images
-        self.recorder.arm(rows, self.tokens, tuple(call.x.shape[-2:]))
-        if self.need_timestep:  # one read per step, for "both" only
+        step = call.denoiser.step  # the call number the concepts' conditioning is picked by
+        tokens = {concept: tokens_at(schedule, step) for concept, schedule in self.tokens.items()}
+        self.recorder.arm(rows, tokens, tuple(call.x.shape[-2:]))
+        if self.need_timestep:  # for "both": kept on the device, no read back
             sigma = call.sigma[:1]
-            self.timestep = float(sigma if self.timesteps else
-                                  call.denoiser.inner_model.sigma_to_t(sigma))
+            self.timestep = sigma if self.timesteps else call.denoiser.inner_model.sigma_to_t(sigma)
 
     def attention(self, concept: int) -> torch.Tensor:
         return self.recorder.attention(concept, self.images)

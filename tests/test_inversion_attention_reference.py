@@ -160,17 +160,19 @@ def test_recorder_selects_each_concepts_own_tokens():
     recorder = CrossAttentionRecorder(unet, layers)
     embeddings = text_embeddings(pipe, ["glasses", "a red hat"], 2)  # 2 images, 2 concepts
     x = torch.randn(6, 4, 16, 32, generator=torch.Generator().manual_seed(5))
-    seen = {}
+    inputs = []
 
     def keep_input(module, args, kwargs):
-        seen["x"], seen["context"] = args[0], kwargs["encoder_hidden_states"]
+        inputs.append((args[0], kwargs["encoder_hidden_states"]))
     handle = layers[0][1].register_forward_pre_hook(keep_input, with_kwargs=True)
     recorder.attach()
     try:
-        # rows: uncond x2, "glasses" x2, "a red hat" x2
+        # rows: uncond x2, "glasses" x2, "a red hat" x2, in two model calls of three rows (as
+        # the WebUI splits a batch): rows are numbered across them
         recorder.arm({2: (0, 0), 3: (0, 1), 4: (1, 0), 5: (1, 1)}, {0: 7, 1: 7}, (16, 32))
         with torch.no_grad():
-            unet(x, torch.tensor(500), encoder_hidden_states=embeddings)
+            for part in (slice(0, 3), slice(3, 6)):
+                unet(x[part], torch.tensor(500), encoder_hidden_states=embeddings[part])
         glasses, hat = recorder.attention(0, 2), recorder.attention(1, 2)
         with pytest.raises(RuntimeError, match="concept 1"):
             recorder.attention(0, 3)  # no third image was armed
@@ -178,12 +180,28 @@ def test_recorder_selects_each_concepts_own_tokens():
         handle.remove()
         recorder.detach()
     layer = layers[0][1]
+    seen_x, seen_context = (torch.cat(part) for part in zip(*inputs))
     for row, got in ((2, glasses[0]), (3, glasses[1]), (4, hat[0]), (5, hat[1])):
-        q = layer.to_q(seen["x"][row]).view(32, layer.heads, -1).transpose(0, 1)
-        k = layer.to_k(seen["context"][row]).view(77, layer.heads, -1).transpose(0, 1)
+        q = layer.to_q(seen_x[row]).view(32, layer.heads, -1).transpose(0, 1)
+        k = layer.to_k(seen_context[row]).view(77, layer.heads, -1).transpose(0, 1)
         probs = ((q @ k.transpose(1, 2)) * layer.scale).softmax(-1)  # [heads, 32, 77]
         expected = probs[:, :, 1:8].sum(-1).mean(0).view(4, 8)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert pipe.tokenizer("a red hat").input_ids[1:-1].__len__() == 7
     assert not torch.allclose(glasses[0], glasses[1]) and not torch.allclose(glasses, hat)
     assert not recorder._handles and not layer._forward_pre_hooks
+
+
+def test_probabilities_stay_in_float32_under_autocast():
+    """The WebUI samples under autocast (processing.py, devices.autocast): the scores must not
+    drop to half precision there."""
+    pipe, _ = reference("ddim", "attention")
+    layer = [m for p, m in unet_layers(pipe.unet) if p == "down"][-1]
+    g = torch.Generator().manual_seed(2)
+    x, context = torch.randn(2, 32, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    plain = cross_attention.probabilities(layer, x, context)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = cross_attention.probabilities(layer, x, context)
+        assert torch.bmm(x, x.transpose(1, 2)).dtype == torch.bfloat16  # autocast is on
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=0, atol=0)

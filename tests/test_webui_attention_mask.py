@@ -14,7 +14,7 @@ import torch
 from tests import webui_harness as h
 from tests.webui_harness import webui_state  # noqa: F401 (autouse: a fresh double per test)
 from tests.webui_double.model import TinySD
-from ldg_core import webui_inversion
+from ldg_core import cross_attention, webui_inversion
 from ldg_core.paste import KEEP_IMAGE_KEY, paste_from_params
 from ldg_core.script_args import settings_from_args
 from ldg_core.ui_args import KEEP_IMAGE, KEEP_IMAGE_MASK
@@ -52,7 +52,7 @@ class Spy:
 
         def spy_arm(masks, rows, call):
             self.calls.append({"x": call.x.clone(), "sigma": call.sigma.clone(), "rows": rows,
-                               "maps": {}, "timestep": None})
+                               "maps": {}, "timestep": None, "step": call.denoiser.step})
             arm(masks, rows, call)
             self.calls[-1]["timestep"] = masks.timestep
 
@@ -157,7 +157,7 @@ def test_both_reads_the_steps_model_timestep(sampler, monkeypatch):
     whose noise level they are: at full strength the first is the last of 1000 (999)."""
     spy = Spy(monkeypatch)
     h.generate(img2img(sampler, steps=10, denoising_strength=1.0), mask_args([HAT], "both"))
-    timesteps = [call["timestep"] for call in spy.calls]
+    timesteps = [float(call["timestep"].reshape(-1)[0]) for call in spy.calls]
     if sampler == "DDIM":
         assert timesteps == [float(call["sigma"][0]) for call in spy.calls]
         assert timesteps[0] > 800 > timesteps[-1] and timesteps[0] == int(timesteps[0])
@@ -170,6 +170,34 @@ def test_both_reads_the_steps_model_timestep(sampler, monkeypatch):
             assert below <= t <= below + 1
         assert timesteps[0] == pytest.approx(999, abs=0.01)
     assert timesteps == sorted(timesteps, reverse=True) and len(timesteps) >= 8
+
+
+def test_a_scheduled_concept_reads_the_tokens_of_its_text_at_each_step(monkeypatch):
+    """"[glasses:a red hat:2]" is "glasses" (1 token) up to call 2, then "a red hat" (3): each
+    step's map sums the tokens of the text the concept's rows carry then."""
+    spy = Spy(monkeypatch)
+    scheduled = dict(HAT, prompt="[glasses:a red hat:2]")
+    h.generate(img2img(steps=8), mask_args([scheduled], "attention"))
+    texts = set()
+    for call in spy.calls:
+        prompt, tokens = ("glasses", 1) if call["step"] <= 2 else ("a red hat", 3)
+        texts.add(prompt)
+        expected = by_hand(call["x"][0], float(call["sigma"][0]), prompt, tokens)
+        torch.testing.assert_close(call["maps"][0][0], expected, rtol=1e-5, atol=1e-6)
+    assert texts == {"glasses", "a red hat"}
+
+
+def test_an_error_while_recording_stops_once_and_leaves_no_hook(monkeypatch):
+    calls = []
+
+    def failing(recorder, concept, images):
+        calls.append(1)
+        raise RuntimeError("recording broke")
+    monkeypatch.setattr(cross_attention.CrossAttentionRecorder, "attention", failing)
+    with pytest.raises(Exception, match="failed at step .* RuntimeError: recording broke"):
+        h.generate(img2img(), mask_args([HAT], "attention"))
+    assert calls == [1]
+    assert [m for m in shared.sd_model.unet.modules() if m._forward_pre_hooks] == []
 
 
 def test_a_concept_longer_than_one_chunk_is_refused_before_sampling():
