@@ -135,24 +135,42 @@ MASK_ARGUMENTS = {"noise": dict(use_cross_attn_mask=False, use_intersect_mask=Fa
                   "both": dict(use_cross_attn_mask=True, use_intersect_mask=True)}
 
 
-def _edit(pipe, concepts, steps, timesteps, x0, init_latents, zs, mask) -> LeditsRun:
-    recorded = []
+def schedule_numbers(scheduler, steps: int) -> dict:
+    """LeditsRun's schedule fields, from the scheduler an edit loop of `steps` steps ran."""
+    start_index = len(scheduler.timesteps) - steps
+    is_dpm = not hasattr(scheduler, "final_alpha_cumprod")
+    return dict(num_inference_steps=scheduler.num_inference_steps, start_index=start_index,
+                alphas_cumprod=scheduler.alphas_cumprod.clone(),
+                final_alpha_cumprod=None if is_dpm else float(scheduler.final_alpha_cumprod),
+                sigmas=scheduler.sigmas[start_index:].clone() if is_dpm else None)
 
+
+def edit_arguments(concepts: Sequence[Concept], steps: int) -> dict:
+    """The edit loop's arguments for `concepts` (LEdits++ SD and SDXL __call__ alike)."""
+    if not concepts:
+        return {}
+    return dict(
+        editing_prompt=[c.prompt for c in concepts],
+        reverse_editing_direction=[c.reverse for c in concepts],
+        edit_guidance_scale=[c.scale for c in concepts],
+        edit_threshold=[c.threshold for c in concepts],
+        edit_warmup_steps=[c.warmup for c in concepts],
+        # a list entry of None would be compared with ints: steps + 1 is "never"
+        edit_cooldown_steps=[steps + 1 if c.cooldown is None else c.cooldown for c in concepts])
+
+
+def latents_recorder(recorded: list):
+    """A callback_on_step_end that keeps every step's latents in `recorded`."""
     def record(_pipe, _i, _t, tensors):
         recorded.append(tensors["latents"].detach().clone())
         return {}
+    return record
 
-    edit_args = {}
-    if concepts:
-        edit_args = dict(
-            editing_prompt=[c.prompt for c in concepts],
-            reverse_editing_direction=[c.reverse for c in concepts],
-            edit_guidance_scale=[c.scale for c in concepts],
-            edit_threshold=[c.threshold for c in concepts],
-            edit_warmup_steps=[c.warmup for c in concepts],
-            # a list entry of None would be compared with ints: steps + 1 is "never"
-            edit_cooldown_steps=[steps + 1 if c.cooldown is None else c.cooldown
-                                 for c in concepts])
+
+def _edit(pipe, concepts, steps, timesteps, x0, init_latents, zs, mask) -> LeditsRun:
+    recorded = []
+    record = latents_recorder(recorded)
+    edit_args = edit_arguments(concepts, steps)
     tokens = []
     encode_prompt = pipe.encode_prompt
 
@@ -167,14 +185,8 @@ def _edit(pipe, concepts, steps, timesteps, x0, init_latents, zs, mask) -> Ledit
                       callback_on_step_end_tensor_inputs=["latents"])
     finally:
         del pipe.encode_prompt
-    scheduler = pipe.scheduler
-    start_index = len(scheduler.timesteps) - steps
-    is_dpm = not hasattr(scheduler, "final_alpha_cumprod")
     return LeditsRun(
-        x0=x0, timesteps=timesteps, num_inference_steps=scheduler.num_inference_steps,
-        start_index=start_index, alphas_cumprod=scheduler.alphas_cumprod.clone(),
-        final_alpha_cumprod=None if is_dpm else float(scheduler.final_alpha_cumprod),
-        sigmas=scheduler.sigmas[start_index:].clone() if is_dpm else None,
+        x0=x0, timesteps=timesteps, **schedule_numbers(pipe.scheduler, steps),
         init_latents=init_latents, zs=zs, latents=torch.stack(recorded),
         edits=None if pipe.sem_guidance is None else pipe.sem_guidance.clone(),
         output=result.images,

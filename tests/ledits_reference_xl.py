@@ -42,13 +42,14 @@ DDIMIntAddNoise). What the reference does, as found in diffusers 0.42.1:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Sequence
 
 import torch
 
 from ldg_core import Concept
-from tests.ledits_reference import BETAS, _dpm_scheduler
+from tests.ledits_reference import (BETAS, LeditsRun, _dpm_scheduler, edit_arguments,
+                                     latents_recorder, schedule_numbers)
 
 TEXT_WIDTH = 32      # each text encoder's hidden size; the UNet attends to both, concatenated
 POOLED_WIDTH = 32    # text_encoder_2's projection_dim: the pooled "text_embeds"
@@ -119,23 +120,11 @@ class UnetCall:
 
 
 @dataclass
-class LeditsXLRun:
-    """What tests/ledits_reference.py LeditsRun keeps, under the same names (so the SD test's
-    rule helpers read it), plus the UNet calls."""
-    x0: torch.Tensor                 # [B, C, h, w]: the encoded image (encode_image)
-    timesteps: List[int]             # the inverted timesteps, in sampling order
-    num_inference_steps: int         # the scheduler's step count: int(steps * (1 + skip))
-    start_index: int                 # where `timesteps` starts in the scheduler's timesteps
-    alphas_cumprod: torch.Tensor     # the scheduler's, float32
-    final_alpha_cumprod: Optional[float]  # DDIM only
-    sigmas: Optional[torch.Tensor]   # DPM only: the scheduler's VE sigmas from start_index on
-    init_latents: torch.Tensor       # [B, C, h, w]: the reference's first latents
-    zs: torch.Tensor                 # [steps, B, C, h, w]: its noise maps, in sampling order
-    latents: torch.Tensor            # [steps, B, C, h, w]: its latents after every step
-    edits: Optional[torch.Tensor]    # [steps, B, C, h, w]: its sem_guidance (None: no concepts)
-    output: torch.Tensor             # its output latents
-    inversion_calls: List[UnetCall]  # invert()'s UNet calls, one per step, sampling order
-    calls: List[UnetCall]            # __call__'s UNet calls, one per step
+class LeditsXLRun(LeditsRun):
+    """What tests/ledits_reference.py LeditsRun keeps (so the SD test's rule helpers read it),
+    plus the UNet calls."""
+    inversion_calls: List[UnetCall] = field(default_factory=list)  # invert()'s, one per step
+    calls: List[UnetCall] = field(default_factory=list)  # __call__'s, one per step
 
 
 class _RecordUnetCalls:
@@ -185,35 +174,15 @@ def _edit_xl(pipe, concepts, steps, timesteps, x0, init_latents, zs,
     """One __call__, as tests/ledits_reference.py _edit makes it (whose encode_prompt wrapper
     reads the SD pipeline's return layout, hence this XL version)."""
     recorded = []
-
-    def record(_pipe, _i, _t, tensors):
-        recorded.append(tensors["latents"].detach().clone())
-        return {}
-
-    edit_args = {}
-    if concepts:
-        edit_args = dict(
-            editing_prompt=[c.prompt for c in concepts],
-            reverse_editing_direction=[c.reverse for c in concepts],
-            edit_guidance_scale=[c.scale for c in concepts],
-            edit_threshold=[c.threshold for c in concepts],
-            edit_warmup_steps=[c.warmup for c in concepts],
-            # a list entry of None would be compared with ints: steps + 1 is "never"
-            edit_cooldown_steps=[steps + 1 if c.cooldown is None else c.cooldown
-                                 for c in concepts])
+    record = latents_recorder(recorded)
+    edit_args = edit_arguments(concepts, steps)
     with _RecordUnetCalls(pipe.unet) as calls:
         result = pipe(**edit_args, use_cross_attn_mask=False, use_intersect_mask=False,
                       output_type="latent", callback_on_step_end=record,
                       callback_on_step_end_tensor_inputs=["latents"])
     assert len(calls) == len(recorded) == steps
-    scheduler = pipe.scheduler
-    start_index = len(scheduler.timesteps) - steps
-    is_dpm = not hasattr(scheduler, "final_alpha_cumprod")
     return LeditsXLRun(
-        x0=x0, timesteps=timesteps, num_inference_steps=scheduler.num_inference_steps,
-        start_index=start_index, alphas_cumprod=scheduler.alphas_cumprod.clone(),
-        final_alpha_cumprod=None if is_dpm else float(scheduler.final_alpha_cumprod),
-        sigmas=scheduler.sigmas[start_index:].clone() if is_dpm else None,
+        x0=x0, timesteps=timesteps, **schedule_numbers(pipe.scheduler, steps),
         init_latents=init_latents, zs=zs, latents=torch.stack(recorded),
         edits=None if pipe.sem_guidance is None else pipe.sem_guidance.clone(),
         output=result.images, inversion_calls=inversion_calls, calls=calls)

@@ -197,6 +197,11 @@ def test_noise_maps_and_start_match_reference(kind):
     pipe, runs = reference(kind)
     run = runs["add and remove"]
     rule, maps = our_inversion(pipe, run)
+    assert_inversion_matches(kind, run, rule, maps)
+
+
+def assert_inversion_matches(kind, run, rule, maps):
+    """Our start latents and noise maps are the reference's (SD and SDXL pipelines alike)."""
     close(maps.start, run.init_latents * vp_scale(run, 0), "start latents", TOL_STEP)
     assert len(maps.noise) == STEPS == run.zs.shape[0]
     for step, z in enumerate(maps.noise):  # run.zs is flipped back to sampling order
@@ -287,17 +292,22 @@ def test_no_concepts_reconstructs_x0(kind):
     rule, maps = our_inversion(pipe, run)
     latents, edits = our_edit(pipe, run, rule, maps, maps.noise, [], forced=False)
     assert not edits.any()
+    assert_reconstructs(kind, run, maps, latents[-1])
+
+
+def assert_reconstructs(kind, run, maps, last):
+    """Our last latents without concepts: the reference's output, and x0 (with DPM's residual)."""
     # our loop and the reference's agree without concepts too
-    close(latents[-1], run.output * vp_scale(run, STEPS), "no-concept output", TOL_PASS)
+    close(last, run.output * vp_scale(run, STEPS), "no-concept output", TOL_PASS)
     x0 = run.x0
     if kind == "ddim":
         # the last step lands on x0 up to float rounding: mean + sigma * ((x0 - mean) / sigma)
         assert maps.residual is None
-        torch.testing.assert_close(latents[-1], x0, rtol=0, atol=1e-6)
+        torch.testing.assert_close(last, x0, rtol=0, atol=1e-6)
     else:
         # the last step returns the denoised estimate, not x0; the residual closes the gap
-        assert float((latents[-1] - x0).abs().max()) > 1e-3
-        torch.testing.assert_close(latents[-1] + maps.residual, x0, rtol=0, atol=1e-6)
+        assert float((last - x0).abs().max()) > 1e-3
+        torch.testing.assert_close(last + maps.residual, x0, rtol=0, atol=1e-6)
 
 
 def test_real_kdiffusion_sampler_returns_x0():

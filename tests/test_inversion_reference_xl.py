@@ -25,29 +25,17 @@ import dataclasses
 import pytest
 import torch
 
-from ldg_core import Concept
 from ldg_core.inversion import invert, ledits_edit
 from tests.ledits_reference import sample_images
 from tests.ledits_reference_xl import build_ledits_xl, run_ledits_xl
-from tests.test_inversion_reference import (close, difference, model_output, rule_for,
-                                            unet_input, vp_scale)
+from tests.test_inversion_reference import (CONFIGS, KINDS, SEED, SKIP, STEPS,
+                                            assert_inversion_matches, assert_reconstructs,
+                                            close, difference,
+                                            drawn_noises,
+                                            model_output, rule_for, unet_input, vp_scale)
 
-KINDS = ("ddim", "dpm")
-STEPS, SKIP, SEED = 5, 0.3, 3        # int(5 * 1.3) = 6 scheduler steps, the first skipped
+# The SD check's steps, skip, seed and concept sets; one image (see the module docstring).
 BATCH, HEIGHT, WIDTH = 1, 32, 64     # latents 16 x 32 (the tiny VAE halves): non-square
-
-CONFIGS = {
-    # Add one concept, remove another: different scales and thresholds, a warmup, a cooldown.
-    "add and remove": [
-        Concept(prompt="glasses", scale=6.0, threshold=0.9, warmup=1),
-        Concept(prompt="snow", scale=4.0, threshold=0.6, warmup=0, cooldown=4, reverse=True),
-    ],
-    # The quantile's ends, where the mask's ">=" decides: only the strongest position, all.
-    "thresholds 1 and 0": [
-        Concept(prompt="a red hat", scale=5.0, threshold=1.0, warmup=0, cooldown=3),
-        Concept(prompt="dark, moody", scale=3.0, threshold=0.0, warmup=2, reverse=True),
-    ],
-}
 CONCEPTS = CONFIGS["add and remove"]
 
 # As in tests/test_inversion_reference.py: both sides compute the same formulas in float32,
@@ -97,14 +85,6 @@ def eps(pipe, x_vp, call):
                         encoder_hidden_states=call.encoder_hidden_states,
                         added_cond_kwargs=added).sample
     return out.chunk(copies)
-
-
-def drawn_noises(run):
-    """invert()'s draws: randn_tensor(x0.shape, generator) once per timestep in
-    reversed(timesteps) order, i.e. the last sampling step's first."""
-    g = torch.Generator().manual_seed(SEED)
-    draws = [torch.randn(run.x0.shape, generator=g, dtype=run.x0.dtype) for _ in range(STEPS)]
-    return lambda step: draws[STEPS - 1 - step]
 
 
 _inversions = {}
@@ -199,20 +179,9 @@ def test_noise_maps_and_start_match_reference(kind):
     pipe, runs = reference(kind)
     run = runs["add and remove"]
     rule, maps = our_inversion(pipe, run)
-    close(maps.start, run.init_latents * vp_scale(run, 0), "start latents", TOL_STEP)
-    assert len(maps.noise) == STEPS == run.zs.shape[0]
-    for step, z in enumerate(maps.noise):  # run.zs is flipped back to sampling order
-        if kind == "dpm" and step == STEPS - 1:
-            # To sigma 0 the reference adds no noise: its z there is 0 (h = inf, as on SD 1.x).
-            assert z is None and torch.equal(run.zs[step], torch.zeros_like(run.zs[step]))
-        else:
-            # Compare the noise each map adds, scale * z (test_inversion_reference: float32
-            # cancellation in z where the scale is small); no map is zeroed (see module doc).
-            def added(map_):
-                return rule.add_noise(step, torch.zeros_like(map_), map_)
-            assert run.zs[step].abs().max() > 1
-            close(added(z), added(run.zs[step]), f"noise map {step}", TOL_STEP)
-    assert (maps.residual is None) == (kind == "ddim")
+    assert_inversion_matches(kind, run, rule, maps)
+    # no map is zeroed (num_zero_noise_steps=0, see the module docstring)
+    assert all(run.zs[step].abs().max() > 1 for step in range(STEPS - (kind == "dpm")))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -287,14 +256,4 @@ def test_no_concepts_reconstructs_x0(kind):
     rule, maps = our_inversion(pipe, run)
     latents, edits, _ = our_edit(pipe, run, rule, maps, maps.noise, [], forced=False)
     assert not edits.any()
-    # our loop and the reference's agree without concepts too
-    close(latents[-1], run.output * vp_scale(run, STEPS), "no-concept output", TOL_PASS)
-    x0 = run.x0
-    if kind == "ddim":
-        # the last step lands on x0 up to float rounding: mean + sigma * ((x0 - mean) / sigma)
-        assert maps.residual is None
-        torch.testing.assert_close(latents[-1], x0, rtol=0, atol=1e-6)
-    else:
-        # the last step returns the denoised estimate, not x0; the residual closes the gap
-        assert float((latents[-1] - x0).abs().max()) > 1e-3
-        torch.testing.assert_close(latents[-1] + maps.residual, x0, rtol=0, atol=1e-6)
+    assert_reconstructs(kind, run, maps, latents[-1])
