@@ -28,6 +28,8 @@ GLOBAL_OVERRIDES = ("enabled", "momentum_scale", "momentum_beta", "preset")
 SLOT_OVERRIDES = ("prompt", "direction", "scale", "threshold", "warmup", "cooldown", "weight")
 # Safe Latent Diffusion's axes: the configuration and its five numbers (ui_args field names).
 SAFETY_OVERRIDES = ("sld_config",) + tuple(SAFETY_NUMBERS)
+# img2img's Keep the image (LEDITS++): on/off and its mask.
+KEEP_IMAGE_OVERRIDES = ("keep_image", "keep_image_mask")
 
 
 @dataclass(frozen=True)
@@ -184,11 +186,15 @@ def apply_overrides(values: Sequence[Any], overrides: Mapping[Any, Any],
     if "enabled" in overrides:
         values[0] = _boolean("enabled", overrides["enabled"])
     _safety_overrides(values, overrides)
+    if "keep_image" in overrides:
+        values[KEEP_IMAGE] = _boolean("keep_image", overrides["keep_image"])
+    if "keep_image_mask" in overrides:
+        values[KEEP_IMAGE_MASK] = check_mask(overrides["keep_image_mask"], "keep_image_mask")
     for position, key in ((1, "momentum_scale"), (2, "momentum_beta")):
         if key in overrides:
             values[position] = overrides[key]
     for key, value in overrides.items():
-        if key in GLOBAL_OVERRIDES or key in SAFETY_OVERRIDES:
+        if key in GLOBAL_OVERRIDES or key in SAFETY_OVERRIDES or key in KEEP_IMAGE_OVERRIDES:
             continue
         slot, field = key
         label = f"concept {slot + 1} {field}"

@@ -17,7 +17,8 @@ from ldg_core.config import MASKS
 from ldg_core.hosts import NAMES as HOST_NAMES, detect_host, describe_host
 from ldg_core.paste import paste_from_params
 from ldg_core.presets import all_presets, find_preset, save_user_preset, user_presets_path
-from ldg_core.script_args import GLOBAL_OVERRIDES, SAFETY_OVERRIDES, settings_from_args
+from ldg_core.script_args import (GLOBAL_OVERRIDES, KEEP_IMAGE_OVERRIDES, SAFETY_OVERRIDES,
+                                  settings_from_args)
 from ldg_core.safety_config import PRESETS as SLD_PRESETS
 from ldg_core.ui_args import (DIRECTIONS, GLOBAL_DEFAULTS, KEEP_IMAGE, NEVER, SAFETY_CONFIGS,
                               SAFETY_DEFAULTS, SAFETY_END, SAFETY_NUMBERS, SAFETY_START,
@@ -393,6 +394,10 @@ def add_xyz_axes():
         options.append(xyz.AxisOption(label, sld_types.get(key, float), set_override(key),
                                       choices=(lambda: list(SAFETY_CONFIGS))
                                       if key == "sld_config" else None))
+    for key, label, values in zip(KEEP_IMAGE_OVERRIDES, ("Keep the image", "Keep the image mask"),
+                                  (["True", "False"], list(MASKS))):  # img2img's grids
+        options.append(xyz.AxisOption(f"[LDG] {label}", str, set_override(key),
+                                      choices=lambda values=values: values))
     for slot in range(visible_slots()):
         for field in SLOT_FIELDS[1:]:
             options.append(xyz.AxisOption(f"[LDG] Concept {slot + 1} {field}", types[field],

@@ -217,7 +217,10 @@ def test_xyz_axes_and_a_cell_writes_what_it_used(monkeypatch):
     assert labels[4:10] == ["[LDG] SLD configuration", "[LDG] SLD scale", "[LDG] SLD threshold",
                             "[LDG] SLD warmup", "[LDG] SLD momentum scale",
                             "[LDG] SLD momentum beta"]
-    assert len(labels) == 4 + 6 + 3 * 7  # three slots shown by default, seven fields each
+    assert labels[10:12] == ["[LDG] Keep the image", "[LDG] Keep the image mask"]
+    assert [o.kwargs["choices"]() for o in xyz.axis_options[10:12]] == [
+        ["True", "False"], ["noise", "attention", "both"]]
+    assert len(labels) == 4 + 6 + 2 + 3 * 7  # three slots shown by default, seven fields each
     axis = {o.label: o for o in xyz.axis_options}
 
     # The grid's cells are shallow copies of one processing object (xyz_grid.py L711).

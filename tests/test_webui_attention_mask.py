@@ -229,4 +229,12 @@ def test_the_mask_is_a_setting_of_the_api_and_the_image_parameters():
         values = paste_from_params({KEEP_IMAGE_KEY: text}).values
         assert values[KEEP_IMAGE] is True and values[KEEP_IMAGE_MASK] == mask
     assert paste_from_params({"Steps": "20"}).values.get(KEEP_IMAGE_MASK) in (None, "noise")
+    # X/Y/Z axes ("[LDG] Keep the image", "[LDG] Keep the image mask") give strings
+    plain = h.script_args([GLASSES])
+    cell = settings_from_args(plain, {}, {"keep_image": "True", "keep_image_mask": "both"})
+    assert cell.keep_image and cell.keep_image_mask == "both"
+    cell = settings_from_args([{"keep_image": True}], {}, {"keep_image_mask": "attention"})
+    assert cell.keep_image and cell.keep_image_mask == "attention"
+    with pytest.raises(ValueError, match="keep_image_mask must be one of"):
+        settings_from_args(plain, {}, {"keep_image_mask": "everywhere"})
 
