@@ -230,6 +230,9 @@ def ledits_edit(concepts: Sequence[Concept], step: int, uncond: torch.Tensor,
     check_mask(mask)
     if mask == "both" and timestep is None:
         raise ValueError("the mask 'both' needs the step's timestep")
+    if mask == "both":  # no host branch on the timestep: it may sit on the device
+        noisy = (torch.as_tensor(timestep, device=uncond.device)
+                 > ATTENTION_ONLY_ABOVE_TIMESTEP).reshape(-1)[0]
     edit = torch.zeros_like(uncond)
     for i in concepts_acting(concepts, step):
         concept = concepts[i]
@@ -241,9 +244,8 @@ def ledits_edit(concepts: Sequence[Concept], step: int, uncond: torch.Tensor,
             keep = ledits_mask(term, concept.threshold)
         else:
             keep = attention_mask(attention(i), concept.threshold, term.shape[-2:], term.shape[1])
-        if mask == "both":  # no host branch on the timestep: it may sit on the device
-            noisy = torch.as_tensor(timestep, device=term.device) > ATTENTION_ONLY_ABOVE_TIMESTEP
-            keep = keep & (ledits_mask(term, concept.threshold) | noisy.reshape(-1)[0])
+        if mask == "both":  # the attention mask alone while the step is noisy
+            keep = keep & (ledits_mask(term, concept.threshold) | noisy)
         if observer is not None:
             observer(i, keep)
         term = torch.where(keep, term, torch.zeros_like(term))

@@ -484,14 +484,14 @@ class Generation:
             raise GuidanceError(problem)
         timesteps = isinstance(p.sampler, m.sd_samplers_timesteps.CompVisSampler)
         if self.attention is not None:  # an earlier batch's
-            self.attention.detach()
+            self.attention.recorder.detach()
         self.attention = AttentionMasks(m.shared.sd_model.model.diffusion_model, tokens,
                                         timesteps, need_timestep=self.keep_image_mask == "both")
         attention = self.attention
         guidance.guidance.engine.use_attention(self.keep_image_mask, attention.attention,
                                                lambda: attention.timestep)
         guidance.on_concept_rows = attention.arm
-        attention.attach()
+        attention.recorder.attach()
 
     # -- callbacks ---------------------------------------------------------------------------
 
@@ -533,7 +533,7 @@ class Generation:
         """Takes our post-CFG function (Forge) or our callbacks (A1111) away, and the
         cross-attention recorder's hooks."""
         if self.attention is not None:
-            self.attention.detach()
+            self.attention.recorder.detach()
             self.attention = None
         if self._forge_unets is not None:
             unet, patched = self._forge_unets

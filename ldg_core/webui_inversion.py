@@ -249,12 +249,6 @@ class AttentionMasks:
         self.timesteps, self.need_timestep = timesteps, need_timestep
         self.images, self.timestep = 0, None
 
-    def attach(self) -> None:
-        self.recorder.attach()
-
-    def detach(self) -> None:
-        self.recorder.detach()
-
     def arm(self, rows: Dict[int, Tuple[int, int]], call: Any) -> None:
         self.images = call.images
         step = call.denoiser.step  # the call number the concepts' conditioning is picked by
